@@ -1,0 +1,102 @@
+"""The `loraforge` command: a table of subcommands, each one typed function.
+
+The functions live in their modules and return values; this file only parses
+arguments, prints results and turns a LoraforgeError into a message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from loraforge import __version__
+from loraforge.errors import LoraforgeError
+
+
+def cmd_version(args) -> None:
+    print(__version__)
+
+
+def cmd_env(args) -> None:
+    from loraforge.env import environment
+
+    info = environment()
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+
+
+def cmd_data_check(args) -> None:
+    from loraforge.config import load_config
+    from loraforge.data.check import check_data, format_report
+
+    report = check_data(load_config(args.config, args.overrides))
+    print(format_report(report))
+
+
+def cmd_train(args) -> None:
+    from loraforge.config import load_config
+    from loraforge.train.run import train
+
+    config = load_config(args.config, args.overrides)
+    result = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        loss = f"loss {result.first_loss:.4f} → {result.last_loss:.4f}" if result.first_loss is not None else ""
+        print(f"trained {result.steps} steps on {result.train_examples} examples; {loss}")
+        if result.eval_loss is not None:
+            print(f"eval loss {result.eval_loss:.4f}")
+        print(f"run directory: {result.output_dir}  (loss curve: {result.output_dir / 'loss.png'})")
+
+
+def _config_command(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="override config keys, e.g. lora.r=16 train.lr=2e-4")
+
+
+# (words, function, help, how to add arguments)
+COMMANDS: list[tuple[tuple[str, ...], Callable, str, Callable | None]] = [
+    (("version",), cmd_version, "print the loraforge version", None),
+    (("env",), cmd_env, "versions of torch, transformers, peft, llama-cpp-python; CUDA or not", None),
+    (("data", "check"), cmd_data_check,
+     "formats, counts, one rendered example with learned spans, token lengths", _config_command),
+    (("train",), cmd_train, "LoRA / full / prompt-method training (stage pt or sft)", _config_command),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraforge", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=__version__)
+    top = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for words, func, help_text, add_args in COMMANDS:
+        if len(words) == 1:
+            sub = top.add_parser(words[0], help=help_text, description=help_text)
+        else:
+            if words[0] not in groups:
+                group = top.add_parser(words[0], help=f"{words[0]} commands")
+                groups[words[0]] = group.add_subparsers(dest="subcommand", required=True)
+            sub = groups[words[0]].add_parser(words[1], help=help_text, description=help_text)
+        if add_args:
+            add_args(sub)
+        sub.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LoraforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

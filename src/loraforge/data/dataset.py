@@ -1,0 +1,170 @@
+"""Config + tokenizer → tokenized train/eval examples, cached by content.
+
+The cache key covers everything that changes the ids: the tokenizer's files, the stage,
+the template, the cut-off/block size, the label options and every data file's bytes.
+A changed input never reuses a stale cache; an unchanged one skips tokenization.
+Examples are stored as flat int32 arrays in a .npz (no pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from loraforge.config import Config
+from loraforge.data.records import Conversation, LoadReport, Text
+from loraforge.data.registry import DatasetSpec, load_datasets, resolve_datasets
+from loraforge.data.templates import get_template, jinja_template
+from loraforge.data.tokenize import IGNORE, encode_conversation, encode_text_blocks
+from loraforge.errors import LoraforgeError
+
+CACHE_FORMAT = 1  # bump when the encoding rules change
+
+
+@dataclass
+class Examples:
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+
+    def subset(self, indices: list[int]) -> Examples:
+        return Examples([self.input_ids[i] for i in indices], [self.labels[i] for i in indices])
+
+    def learned_tokens(self) -> int:
+        return sum(sum(1 for t in labels if t != IGNORE) for labels in self.labels)
+
+
+@dataclass
+class DataStats:
+    reports: list[LoadReport] = field(default_factory=list)
+    records: int = 0
+    truncated: int = 0
+    dropped_empty: int = 0  # truncation left no answer token to learn
+    from_cache: bool = False
+
+
+def cache_dir(config: Config) -> Path:
+    if config.data.cache_dir:
+        return Path(config.data.cache_dir)
+    return Path(os.environ.get("LORAFORGE_CACHE", Path.home() / ".cache" / "loraforge")) / "tokenized"
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    digest = hashlib.sha256()
+    digest.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else b"")
+    digest.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token,
+                              getattr(tokenizer, "add_bos_token", None)]).encode())
+    return digest.hexdigest()
+
+
+def cache_key(config: Config, tokenizer, specs: list[DatasetSpec]) -> str:
+    data = config.data
+    digest = hashlib.sha256()
+    digest.update(json.dumps({
+        "format": CACHE_FORMAT, "stage": config.stage, "template": jinja_template(get_template(data.template)),
+        "cutoff": data.cutoff_len, "block": data.block_size, "train_on_prompt": data.train_on_prompt,
+        "mask_history": data.mask_history, "max_samples": data.max_samples, "skip_invalid": data.skip_invalid,
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+    }, sort_keys=True).encode())
+    for spec in specs:
+        digest.update(json.dumps([spec.name, spec.formatting, spec.columns, spec.tags], sort_keys=True).encode())
+        files = sorted(spec.path.rglob("*")) if spec.path.is_dir() else [spec.path]
+        for path in files:
+            if path.is_file():
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:24]
+
+
+def _save(path: Path, examples: Examples, stats: DataStats) -> None:
+    lengths = np.array([len(x) for x in examples.input_ids], dtype=np.int64)
+    flat = lambda rows: np.array([t for row in rows for t in row], dtype=np.int32)  # noqa: E731
+    meta = {"records": stats.records, "truncated": stats.truncated, "dropped_empty": stats.dropped_empty,
+            "reports": [[r.name, r.format, len(r.records), len(r.problems)] for r in stats.reports]}
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, lengths=lengths, ids=flat(examples.input_ids), labels=flat(examples.labels),
+             meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    tmp.replace(path)
+
+
+def _load(path: Path) -> tuple[Examples, DataStats]:
+    with np.load(path, allow_pickle=False) as npz:
+        bounds = np.concatenate([[0], np.cumsum(npz["lengths"])])
+        ids, labels = npz["ids"].tolist(), npz["labels"].tolist()
+        meta = json.loads(npz["meta"].tobytes().decode())
+    rows = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+    examples = Examples([ids[a:b] for a, b in rows], [labels[a:b] for a, b in rows])
+    reports = [LoadReport(name=n, format=f, records=[None] * k, problems=[None] * p) for n, f, k, p in meta["reports"]]
+    stats = DataStats(reports, meta["records"], meta["truncated"], meta["dropped_empty"], from_cache=True)
+    return examples, stats
+
+
+def resolve_specs(config: Config) -> list[DatasetSpec]:
+    return resolve_datasets(Path(config.data.dir) if config.data.dir else None, config.data.datasets)
+
+
+def load_reports(config: Config, specs: list[DatasetSpec]) -> list[LoadReport]:
+    reports = load_datasets(specs, stage=config.stage, skip_invalid=config.data.skip_invalid)
+    if config.data.max_samples:
+        for report in reports:
+            report.records = report.records[: config.data.max_samples]
+    return reports
+
+
+def tokenize_reports(config: Config, tokenizer, reports: list[LoadReport]) -> tuple[Examples, DataStats]:
+    stats = DataStats(reports=reports, records=sum(len(r.records) for r in reports))
+    records = [rec for r in reports for rec in r.records]
+    if config.stage == "pt":
+        texts = [rec.text for rec in records if isinstance(rec, Text)]
+        blocks = encode_text_blocks(tokenizer, texts, config.data.block_size or config.data.cutoff_len)
+        return Examples(blocks, [list(b) for b in blocks]), stats
+    template = get_template(config.data.template)
+    ids, labels = [], []
+    for rec in records:
+        assert isinstance(rec, Conversation)
+        enc = encode_conversation(tokenizer, template, rec, cutoff_len=config.data.cutoff_len,
+                                  train_on_prompt=config.data.train_on_prompt, mask_history=config.data.mask_history)
+        if enc is None:
+            stats.dropped_empty += 1
+            continue
+        stats.truncated += enc.truncated
+        ids.append(enc.input_ids)
+        labels.append(enc.labels)
+    if not ids:
+        raise LoraforgeError(
+            f"no example has an answer token left within data.cutoff_len={config.data.cutoff_len}: raise cutoff_len")
+    return Examples(ids, labels), stats
+
+
+def build_examples(config: Config, tokenizer) -> tuple[Examples, DataStats]:
+    """All tokenized examples for the config, from the cache when the inputs are unchanged."""
+    specs = resolve_specs(config)
+    path = cache_dir(config) / f"{cache_key(config, tokenizer, specs)}.npz"
+    if path.exists():
+        return _load(path)
+    examples, stats = tokenize_reports(config, tokenizer, load_reports(config, specs))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(path, examples, stats)
+    return examples, stats
+
+
+def split_eval(examples: Examples, val_size: float, seed: int) -> tuple[Examples, Examples | None]:
+    """Hold out a fraction (<1) or a count (>=1) of examples for eval loss."""
+    if val_size <= 0:
+        return examples, None
+    count = int(val_size) if val_size >= 1 else max(1, round(len(examples) * val_size))
+    if count >= len(examples):
+        raise LoraforgeError(f"data.val_size={val_size} holds out {count} of {len(examples)} examples: nothing left to train on")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return examples.subset(sorted(order[count:])), examples.subset(sorted(order[:count]))

@@ -1,0 +1,304 @@
+"""Data files (.json .jsonl .csv .parquet .txt) → canonical records.
+
+Field names follow LLaMA-Factory's dataset_info.json conventions (alpaca `columns`,
+sharegpt `tags`), so a LLaMA-Factory data folder loads unchanged. Every record that
+cannot be used becomes a `Problem` that points at its file and line; the caller either
+stops on them or, with `skip_invalid`, drops them and reports what was dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+from loraforge.data.records import Conversation, LoadReport, Problem, Record, Text, Turn
+from loraforge.data.rows import SUPPORTED_SUFFIXES, BadRow, read_rows  # noqa: F401 (re-exported)
+from loraforge.errors import LoraforgeError
+
+FORMATTINGS = ("auto", "alpaca", "sharegpt", "openai", "text")
+
+# role → field name; `columns` given to load_records override these, and None turns a role off
+COLUMN_DEFAULTS = {
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output",
+               "history": "history", "system": "system"},
+    "sharegpt": {"messages": "conversations", "system": "system"},
+    "openai": {"messages": "messages", "system": "system"},
+    "text": {"prompt": "text", "query": None},
+}
+SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "system_tag": "system", "observation_tag": "observation", "function_tag": "function_call"}
+OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+               "system_tag": "system", "observation_tag": "tool", "function_tag": "function"}
+SHOWN_PROBLEMS = 5
+UNDETECTED = "cannot tell the format (no instruction, conversations, messages or text field)"
+SKIP_HINT = "fix these records, or set data.skip_invalid=true to drop them"
+
+
+
+class _Invalid(Exception):
+    """One record is unusable; caught per record and turned into a Problem."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+# ---------------------------------------------------------------- one row → one record
+
+
+def detect_formatting(row: dict) -> str:
+    """Name the format a row is written in, from the fields it has."""
+    for key, formatting in (("instruction", "alpaca"), ("conversations", "sharegpt"),
+                            ("messages", "openai"), ("text", "text")):
+        if key in row:
+            return formatting
+    found = ", ".join(f"'{key}'" for key in row) or "none"
+    raise LoraforgeError(
+        f"cannot tell the data format from the fields ({found}): expected 'instruction' (alpaca), "
+        "'conversations' (sharegpt), 'messages' (openai) or 'text' (plain text) — rename the fields, "
+        "or declare formatting and columns in dataset_info.json")
+
+
+def _kind(value: object) -> str:
+    names = {str: "string", list: "list", dict: "object", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _string(row: dict, column: str | None, *, required: bool) -> str | None:
+    if column is None:
+        return None
+    value = row.get(column)
+    if value is None:
+        if required:
+            raise _Invalid(f"missing field '{column}'")
+        return None
+    if not isinstance(value, str):
+        raise _Invalid(f"field '{column}' must be a string, got {_kind(value)}")
+    return value
+
+
+def _user_text(row: dict, columns: dict) -> str:
+    # LLaMA-Factory's rule: instruction and input joined by a newline, empty parts left out
+    parts = [_string(row, columns["prompt"], required=True), _string(row, columns["query"], required=False)]
+    return "\n".join(part for part in parts if part)
+
+
+def _plain_text(columns: dict, row: dict, source: str) -> Text:
+    text = _user_text(row, columns)
+    if not text.strip():
+        raise _Invalid("empty text")
+    return Text(text, source=source)
+
+
+def _alpaca_conversation(columns: dict, row: dict, source: str) -> Conversation:
+    user = _user_text(row, columns)
+    response = _string(row, columns["response"], required=True)
+    history = row.get(columns["history"]) if columns["history"] else None
+    if history is not None and not isinstance(history, list):
+        raise _Invalid("history must be a list of [question, answer] pairs", f"got {_kind(history)}")
+    turns: list[Turn] = []
+    for index, pair in enumerate(history or [], 1):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise _Invalid("history must be a list of [question, answer] pairs",
+                           f"item {index} is {pair!r:.60}")
+        turns += [Turn("user", pair[0]), Turn("assistant", pair[1])]
+    if not user.strip():
+        raise _Invalid("empty instruction")
+    if not response.strip():
+        raise _Invalid("empty response")
+    system = _string(row, columns["system"], required=False)
+    turns += [Turn("user", user), Turn("assistant", response)]
+    return Conversation(tuple(turns), system=system or None, source=source)
+
+
+def _chat_turns(columns: dict, tags: dict, row: dict) -> tuple[str | None, list[Turn]]:
+    column = columns["messages"]
+    messages = row.get(column)
+    if messages is None:
+        raise _Invalid(f"missing field '{column}'")
+    if not isinstance(messages, list):
+        raise _Invalid(f"field '{column}' must be a list, got {_kind(messages)}")
+    numbered = list(enumerate(messages, 1))
+    system = _string(row, columns["system"], required=False)
+    if numbered and isinstance(messages[0], dict) and messages[0].get(tags["role_tag"]) == tags["system_tag"]:
+        system = _message_text(tags, 1, messages[0])
+        numbered = numbered[1:]
+    if not numbered:
+        raise _Invalid("empty conversation")
+    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant"}
+    turns: list[Turn] = []
+    for position, (number, message) in enumerate(numbered):
+        if not isinstance(message, dict):
+            raise _Invalid("message is not an object", f"message {number} is a {_kind(message)}")
+        role = message.get(tags["role_tag"])
+        if not isinstance(role, str | None):
+            role = repr(role)
+        if role in (tags["observation_tag"], tags["function_tag"]):
+            raise _Invalid("tool messages are not supported yet", f"message {number} is from '{role}'")
+        if role not in roles and role != tags["system_tag"]:
+            if role is None:
+                raise _Invalid(f"message has no '{tags['role_tag']}'",
+                               f"message {number} has {', '.join(map(str, message)) or 'no fields'}")
+            raise _Invalid(f"unknown role '{role}' (expected {tags['user_tag']}, "
+                           f"{tags['assistant_tag']} or {tags['system_tag']})")
+        expected = "user" if position % 2 == 0 else "assistant"
+        if roles.get(role) != expected:
+            raise _Invalid(f"roles out of order: message {number} should be from "
+                           f"'{tags[expected + '_tag']}', got '{role}'")
+        text = _message_text(tags, number, message)
+        if not text.strip():
+            raise _Invalid("empty response" if expected == "assistant" else "empty user message",
+                           f"message {number}")
+        turns.append(Turn(expected, text))
+    if turns[-1].role == "user":
+        raise _Invalid("conversation ends with a user message")
+    return system or None, turns
+
+
+def _message_text(tags: dict, number: int, message: dict) -> str:
+    key = tags["content_tag"]
+    value = message.get(key)
+    if value is None:
+        raise _Invalid(f"message has no '{key}'", f"message {number}")
+    if not isinstance(value, str):
+        raise _Invalid(f"message '{key}' must be a string, got {_kind(value)}", f"message {number}")
+    return value
+
+
+def _chat_record(as_text: bool, columns: dict, tags: dict, row: dict, source: str) -> Record:
+    system, turns = _chat_turns(columns, tags, row)
+    if as_text:
+        return Text("\n".join(([system] if system else []) + [turn.text for turn in turns]), source=source)
+    return Conversation(tuple(turns), system=system, source=source)
+
+
+# ---------------------------------------------------------------- a whole dataset
+
+
+def _resolve_tags(formatting: str, tags: dict | None, first_row: dict, columns: dict,
+                  auto: bool, label: str) -> dict:
+    defaults = OPENAI_TAGS if formatting == "openai" else SHAREGPT_TAGS
+    if tags is None and auto:
+        # "conversations" with role/content (and "messages" with from/value) are both common
+        messages = first_row.get(columns["messages"])
+        first = messages[0] if isinstance(messages, list) and messages else None
+        if isinstance(first, dict):
+            defaults = OPENAI_TAGS if "role" in first else SHAREGPT_TAGS if "from" in first else defaults
+    unknown = set(tags or {}) - set(SHAREGPT_TAGS)
+    if unknown:
+        raise LoraforgeError(f"dataset {label}: unknown tag '{sorted(unknown)[0]}' — known tags are "
+                             f"{', '.join(SHAREGPT_TAGS)}")
+    return {**defaults, **(tags or {})}
+
+
+def _record_reader(formatting: str, columns: dict | None, tags: dict | None, stage: str,
+                   row: dict, auto: bool, label: str) -> Callable[[dict, str], Record]:
+    """The converter for a file in `formatting`, fitted to its first record."""
+    resolved = {**COLUMN_DEFAULTS[formatting], **(columns or {})}
+    if stage == "sft" and (formatting == "text" or (formatting == "alpaca" and not resolved["response"])):
+        raise LoraforgeError(f"dataset {label} is plain text: use stage: pt, or give instruction data "
+                             "(alpaca instruction/output or sharegpt conversations)")
+    if formatting in ("alpaca", "text"):
+        return partial(_plain_text if stage == "pt" else _alpaca_conversation, resolved)
+    chat_tags = _resolve_tags(formatting, tags, row, resolved, auto, label)
+    return partial(_chat_record, stage == "pt", resolved, chat_tags)
+
+
+def _check_declared(formatting: str, columns: dict | None, row: dict, source: str, label: str) -> None:
+    """Point at the dataset_info entry when the first record is plainly in another format."""
+    resolved = {**COLUMN_DEFAULTS[formatting], **(columns or {})}
+    key = resolved.get("messages", resolved.get("prompt"))
+    if key is None or key in row:
+        return
+    try:
+        looks = detect_formatting(row)
+    except LoraforgeError:
+        return
+    if looks != formatting:
+        raise LoraforgeError(f"dataset {label} is declared {formatting}, but its first record ({source}) "
+                             f"has no '{key}' and looks like {looks} — set \"formatting\": \"{looks}\" "
+                             "(and columns/tags if the names differ) in its dataset_info.json entry")
+
+
+def load_records(path: Path, *, formatting: str = "auto", columns: dict | None = None,
+                 tags: dict | None = None, stage: Literal["pt", "sft"] = "sft",
+                 skip_invalid: bool = False, name: str | None = None) -> LoadReport:
+    """Read one data file into canonical records.
+
+    `formatting` "auto" picks the format from the first record's fields. In stage "pt"
+    every format becomes `Text`; in "sft" chat and instruction data become
+    `Conversation`s and plain text is an error. `columns` override `COLUMN_DEFAULTS`
+    (None turns a role off) and `tags` the sharegpt/openai message tags. Invalid records
+    raise a LoraforgeError listing them, unless `skip_invalid`, which drops them into
+    `LoadReport.problems`.
+    """
+    path = Path(path)
+    label = name or path.name
+    if formatting not in FORMATTINGS:
+        raise LoraforgeError(f"dataset {label}: unknown formatting '{formatting}' — use one of "
+                             f"{', '.join(FORMATTINGS)}")
+    if path.suffix.lower() == ".txt":  # a line is plain text whatever the entry says, as in LLaMA-Factory
+        formatting, columns = "text", None
+    report = LoadReport(name=label, format=formatting)
+    convert = None
+    for source, row in read_rows(path):
+        if isinstance(row, BadRow):
+            report.problems.append(Problem(source, row.reason, row.detail))
+            continue
+        if not isinstance(row, dict):
+            report.problems.append(Problem(source, "record is not an object", f"got {_kind(row)}"))
+            continue
+        if convert is None:
+            if formatting != "auto":
+                _check_declared(formatting, columns, row, source, label)
+                report.format = formatting
+            else:
+                try:
+                    report.format = detect_formatting(row)
+                except LoraforgeError as error:
+                    if not skip_invalid:
+                        raise LoraforgeError(f"{source}: {error}") from None
+                    report.problems.append(Problem(source, UNDETECTED, f"fields {', '.join(map(str, row))}"))
+                    continue
+            convert = _record_reader(report.format, columns, tags, stage, row, formatting == "auto", label)
+        try:
+            report.records.append(convert(row, source))
+        except _Invalid as invalid:
+            report.problems.append(Problem(source, invalid.reason, invalid.detail))
+    _check_report(report, path, skip_invalid)
+    return report
+
+
+def _check_report(report: LoadReport, path: Path, skip_invalid: bool) -> None:
+    problems = report.problems
+    if problems and not skip_invalid:
+        shown = [f"  {problem}" for problem in problems[:SHOWN_PROBLEMS]]
+        more = [f"  … and {len(problems) - SHOWN_PROBLEMS} more"] if len(problems) > SHOWN_PROBLEMS else []
+        raise LoraforgeError("\n".join([f"dataset {report.name}: {_count(len(problems), 'invalid record')} "
+                                        f"in {path}", *shown, *more, SKIP_HINT]))
+    if not report.records:
+        groups = ", ".join(f"{count} × {reason}" for reason, count, _ in _group(problems))
+        why = f"{len(problems)} skipped: {groups}" if problems else "the file has no rows"
+        raise LoraforgeError(f"{path}: no usable records ({why})")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _group(problems: list[Problem]) -> list[tuple[str, int, str]]:
+    """(reason, count, first source), most frequent first; ties keep file order."""
+    groups: dict[str, list] = {}
+    for problem in problems:
+        groups.setdefault(problem.reason, [0, problem.source])[0] += 1
+    return sorted(((reason, count, first) for reason, (count, first) in groups.items()), key=lambda g: -g[1])
+
+
+def summarize_problems(problems: list[Problem]) -> str:
+    """One line for people: how many records were dropped, and why, grouped by reason."""
+    if not problems:
+        return "no invalid records"
+    groups = ", ".join(f"{count} × {reason} (first at {first})" for reason, count, first in _group(problems))
+    return f"dropped {_count(len(problems), 'invalid record')}: {groups}"

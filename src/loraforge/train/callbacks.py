@@ -1,0 +1,93 @@
+"""What a run writes while it trains: trainer_log.jsonl and loss.png.
+
+One JSON line per logging step (step, loss, eval_loss, lr, epoch, tokens/s, elapsed,
+remaining) so a run can be followed with `tail -f` and plotted afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class JsonlLogger(TrainerCallback):
+    """Append one line per Trainer log event to `trainer_log.jsonl` (main process only)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.start = time.perf_counter()
+        self.last_time = self.start
+        self.last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last_time = time.perf_counter()
+        self.last_tokens = state.num_input_tokens_seen or 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now = time.perf_counter()
+        elapsed = now - self.start
+        tokens = state.num_input_tokens_seen or 0
+        window = now - self.last_time
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "train_loss"):
+            if key in logs:
+                record["lr" if key == "learning_rate" else key] = float(logs[key])
+        if "loss" in logs and window > 0:
+            record["tokens_per_s"] = round((tokens - self.last_tokens) / window, 1)
+            self.last_time, self.last_tokens = now, tokens
+        done = state.global_step / state.max_steps if state.max_steps else 0
+        record["elapsed_s"] = round(elapsed, 2)
+        record["remaining_s"] = round(elapsed / done - elapsed, 2) if done > 0 else None
+        record["tokens_seen"] = tokens
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def smooth(values: list[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average with bias correction, as TensorBoard draws it."""
+    out, avg = [], 0.0
+    for i, value in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * value
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def plot_loss(log_path: Path, out_png: Path, title: str = "") -> Path | None:
+    """Raw and smoothed training loss, and eval loss when present."""
+    rows = read_log(log_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = zip(*train)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(steps, losses, color="#9ab", linewidth=1, label="train loss")
+    ax.plot(steps, smooth(list(losses)), color="#15c", linewidth=2, label="train loss (smoothed)")
+    if evals:
+        eval_steps, eval_losses = zip(*evals)
+        ax.plot(eval_steps, eval_losses, "o-", color="#d52", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title or out_png.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png

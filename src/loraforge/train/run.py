@@ -1,0 +1,218 @@
+"""`loraforge train`: one config → a run directory.
+
+Reads top to bottom: tokenizer (with the template saved into it) → tokenized examples
+→ base model → method wrapper → transformers Trainer → adapter/model, tokenizer,
+loraforge.yaml, trainer_log.jsonl, loss.png. The same code runs data-parallel under
+`torchrun` / `accelerate launch`; only the main process writes the run files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraforge.config import Config, dump_config
+from loraforge.data.dataset import Examples, build_examples, split_eval
+from loraforge.data.templates import get_template, jinja_template
+from loraforge.data.tokenize import IGNORE
+from loraforge.errors import LoraforgeError
+from loraforge.train.callbacks import JsonlLogger, plot_loss, read_log
+from loraforge.train.methods import apply_method, compute_dtype, has_cuda, load_base_model
+
+LOG_NAME = "trainer_log.jsonl"
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    train_examples: int
+    eval_loss: float | None = None
+
+
+def load_tokenizer(config: Config):
+    """The tokenizer the run trains with, carrying the template as its chat_template."""
+    from transformers import AutoTokenizer
+
+    source = config.model.tokenizer or config.model.path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise LoraforgeError(f"cannot load a tokenizer from {source} ({exc})") from None
+    tokenizer.chat_template = jinja_template(get_template(config.data.template))
+    return tokenizer
+
+
+def pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+class PadCollator:
+    """Pads a batch to its longest example (right side); labels padded with -100."""
+
+    def __init__(self, pad: int):
+        self.pad = pad
+
+    def __call__(self, features: list[dict]) -> dict:
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[row, :n] = torch.tensor(f["input_ids"])
+            labels[row, :n] = torch.tensor(f["labels"])
+            mask[row, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    return max(found)[1] if found else None
+
+
+def resolve_resume(config: Config, output_dir: Path) -> str | None:
+    resume = config.train.resume_from_checkpoint
+    if resume is None:
+        return None
+    if resume == "last":
+        last = latest_checkpoint(output_dir)
+        if last is None:
+            raise LoraforgeError(f"train.resume_from_checkpoint=last: no checkpoint-* in {output_dir}")
+        return str(last)
+    if not Path(resume).is_dir():
+        raise LoraforgeError(f"train.resume_from_checkpoint={resume}: no such checkpoint directory")
+    return resume
+
+
+def check_output_dir(config: Config, output_dir: Path) -> None:
+    leftovers = [p for p in ("adapter_model.safetensors", "model.safetensors", LOG_NAME) if (output_dir / p).exists()]
+    if leftovers and not config.train.overwrite_output_dir and config.train.resume_from_checkpoint is None:
+        raise LoraforgeError(
+            f"{output_dir} already holds a run ({leftovers[0]}): choose another train.output_dir, "
+            "resume it with train.resume_from_checkpoint=last, or set train.overwrite_output_dir=true")
+
+
+def check_vocab_fits(model, tokenizer, config: Config) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise LoraforgeError(
+            f"the tokenizer from {config.model.tokenizer or config.model.path} has {len(tokenizer)} tokens but the "
+            f"model's embedding has {rows} rows: ids ≥ {rows} would crash — resize the model's embeddings "
+            "to the tokenizer first, or use the tokenizer the model was trained with")
+
+
+def optimizer_steps(config: Config, train_count: int) -> int:
+    if config.train.max_steps > 0:
+        return config.train.max_steps
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = config.train.batch_size * config.train.grad_accum * world
+    return max(1, math.ceil(train_count / per_step) * math.ceil(config.train.epochs))
+
+
+def training_arguments(config: Config, output_dir: Path, has_eval: bool):
+    from transformers import TrainingArguments
+
+    t = config.train
+    dtype = compute_dtype(config)
+    cuda = has_cuda()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # gloo is torch.distributed's CPU backend; naming any backend outside a launcher makes
+    # accelerate expect a process group that does not exist
+    backend = t.ddp_backend or ("gloo" if distributed and not cuda else None)
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_steps or t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_steps or t.logging_steps,
+        seed=t.seed,
+        bf16=cuda and dtype == torch.bfloat16,
+        fp16=cuda and dtype == torch.float16,
+        use_cpu=not cuda,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5's name
+        deepspeed=t.deepspeed,
+        ddp_backend=backend,
+        report_to="none",
+        remove_unused_columns=False,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=t.dataloader_workers,
+        disable_tqdm=False,
+    )
+
+
+def train(config: Config) -> RunResult:
+    """Fine-tune `model.path` on the config's data; returns where the run was written."""
+    output_dir = Path(config.train.output_dir)
+    check_output_dir(config, output_dir)
+    if config.train.deepspeed and not Path(config.train.deepspeed).is_file():
+        raise LoraforgeError(f"train.deepspeed={config.train.deepspeed}: no such DeepSpeed JSON file")
+    resume = resolve_resume(config, output_dir)
+
+    tokenizer = load_tokenizer(config)
+    examples, _stats = build_examples(config, tokenizer)
+    train_set, eval_set = split_eval(examples, config.data.val_size, config.train.seed)
+
+    model = load_base_model(config)
+    check_vocab_fits(model, tokenizer, config)
+    model = apply_method(model, config, optimizer_steps(config, len(train_set)))
+
+    from transformers import Trainer
+
+    # peft still asks transformers 5 for `is_gradient_checkpointing`; the rename warning
+    # says nothing a user can act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    args = training_arguments(config, output_dir, has_eval=eval_set is not None)
+    log_path = output_dir / LOG_NAME
+    if args.process_index == 0 and resume is None:
+        log_path.unlink(missing_ok=True)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+        data_collator=PadCollator(pad_id(tokenizer)), callbacks=[JsonlLogger(log_path)],
+    )
+    result = trainer.train(resume_from_checkpoint=resume)
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+
+    if trainer.is_world_process_zero():
+        save_run(trainer, tokenizer, config, output_dir)
+    losses = [r["loss"] for r in read_log(log_path) if "loss" in r]
+    return RunResult(output_dir, result.global_step, losses[0] if losses else None,
+                     losses[-1] if losses else None, len(train_set), eval_loss)
+
+
+def save_run(trainer, tokenizer, config: Config, output_dir: Path) -> None:
+    trainer.save_model(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    (output_dir / "loraforge.yaml").write_text(dump_config(config), encoding="utf-8")
+    plot_loss(output_dir / LOG_NAME, output_dir / "loss.png", title=f"{config.stage} · {config.method} · {output_dir.name}")
+
+
+def examples_summary(examples: Examples) -> str:
+    return f"{len(examples)} examples, {examples.learned_tokens()} learned tokens"

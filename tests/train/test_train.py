@@ -1,0 +1,144 @@
+"""Training really learns: loss falls, answers come back, runs resume, files are right."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors import safe_open
+
+from conftest import sft_config
+from loraforge.data.dataset import load_reports, resolve_specs
+from loraforge.errors import LoraforgeError
+from loraforge.infer.hf import exact_matches, load_model, template_of
+from loraforge.train.callbacks import read_log
+from loraforge.train.run import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def learned_run(tiny_llama, tmp_path_factory):
+    """LoRA SFT on 16 bundled instructions until the tiny model knows them."""
+    out = tmp_path_factory.mktemp("runs") / "sft"
+    config = sft_config(tiny_llama, out, "data.max_samples=16", "train.epochs=40", "train.lr=5e-3",
+                        "lora.r=16", "train.group_by_length=false", "train.warmup_ratio=0.05")
+    return config, train(config)
+
+
+def test_sft_halves_the_loss_and_reproduces_trained_answers(learned_run):
+    config, result = learned_run
+    assert result.last_loss < result.first_loss / 2, (result.first_loss, result.last_loss)
+    model, tokenizer = load_model(result.output_dir)
+    records = [r for rep in load_reports(config, resolve_specs(config)) for r in rep.records if len(r.turns) == 2]
+    rows = exact_matches(model, tokenizer, template_of(result.output_dir), records[:8], max_new_tokens=96)
+    exact = [q for q, want, got in rows if got.strip() == want.strip()]
+    assert len(exact) >= 2, rows
+
+
+def test_run_directory_layout(learned_run):
+    config, result = learned_run
+    out = result.output_dir
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 16 and adapter["peft_type"] == "LORA"
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        assert any(k.endswith("lora_A.weight") for k in f.keys())
+    saved = (out / "loraforge.yaml").read_text()
+    assert "template: chinese-alpaca" in saved
+    tokenizer_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    chat_template = tokenizer_cfg.get("chat_template") or (out / "chat_template.jinja").read_text()
+    assert "### Response: " in chat_template
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trainer_log_has_progress_fields(learned_run):
+    _, result = learned_run
+    rows = read_log(result.output_dir / "trainer_log.jsonl")
+    losses = [r for r in rows if "loss" in r]
+    assert len(losses) == result.steps
+    last = losses[-1]
+    for key in ("step", "loss", "lr", "epoch", "tokens_per_s", "elapsed_s", "remaining_s", "tokens_seen"):
+        assert key in last, key
+    assert last["tokens_per_s"] > 0 and last["remaining_s"] == pytest.approx(0, abs=1)
+
+
+def test_resume_continues_the_same_loss_curve(tiny_llama, tmp_path):
+    common = ("data.max_samples=24", "train.max_steps=8", "train.lr=3e-3", "train.save_steps=4",
+              "train.batch_size=4", "train.group_by_length=false")
+    full = train(sft_config(tiny_llama, tmp_path / "full", *common))
+    whole = {r["step"]: r["loss"] for r in read_log(full.output_dir / "trainer_log.jsonl") if "loss" in r}
+
+    # a run killed right after its step-4 checkpoint: only that checkpoint survives
+    cut = tmp_path / "cut"
+    shutil.copytree(full.output_dir / "checkpoint-4", cut / "checkpoint-4")
+    resumed = train(sft_config(tiny_llama, cut, *common, "train.resume_from_checkpoint=last"))
+    assert resumed.steps == 8
+    tail = {r["step"]: r["loss"] for r in read_log(cut / "trainer_log.jsonl") if "loss" in r}
+    assert sorted(tail) == [5, 6, 7, 8]
+    for step, loss in tail.items():
+        assert loss == pytest.approx(whole[step], rel=1e-4), (step, loss, whole[step])
+    assert tail[8] != pytest.approx(whole[4], rel=1e-3)  # it really moved on
+
+
+@pytest.mark.parametrize("method, extra, adapter_key", [
+    ("lora", ("lora.use_dora=true",), "lora_magnitude_vector"),
+    ("lora", ("lora.use_rslora=true",), "lora_A"),
+    ("adalora", (), "lora_E"),
+    ("prompt_tuning", (), "prompt_embeddings"),
+    ("prefix_tuning", (), "prompt_embeddings"),
+    ("p_tuning", (), "prompt_embeddings"),
+])
+def test_peft_methods_train_and_save(tiny_llama, tmp_path, method, extra, adapter_key):
+    config = sft_config(tiny_llama, tmp_path / method, f"method={method}", "data.max_samples=16",
+                        "train.max_steps=12", "train.lr=1e-2", *extra)
+    result = train(config)
+    assert result.last_loss < result.first_loss
+    with safe_open(result.output_dir / "adapter_model.safetensors", "pt") as f:
+        assert any(adapter_key in k for k in f.keys()), list(f.keys())[:5]
+
+
+def test_full_finetuning_saves_a_whole_model(tiny_llama, tmp_path):
+    result = train(sft_config(tiny_llama, tmp_path / "full", "method=full", "data.max_samples=16",
+                              "train.max_steps=10", "train.lr=1e-3"))
+    assert result.last_loss < result.first_loss
+    assert (result.output_dir / "model.safetensors").exists()
+    assert not (result.output_dir / "adapter_config.json").exists()
+
+
+def test_modules_to_save_trains_embeddings_in_full(tiny_llama, tmp_path):
+    result = train(sft_config(tiny_llama, tmp_path / "mts", "data.max_samples=8", "train.max_steps=2",
+                              "lora.modules_to_save=embed_tokens,lm_head"))
+    with safe_open(result.output_dir / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert any("embed_tokens" in k for k in keys) and any("lm_head" in k for k in keys)
+
+
+def test_qlora_on_cpu_says_it_needs_cuda(tiny_llama, tmp_path):
+    with pytest.raises(LoraforgeError, match="needs a CUDA GPU.*method: lora"):
+        train(sft_config(tiny_llama, tmp_path / "q", "method=qlora", "train.max_steps=1"))
+
+
+def test_existing_run_dir_is_not_overwritten(learned_run, tiny_llama):
+    config, result = learned_run
+    with pytest.raises(LoraforgeError, match="already holds a run.*resume_from_checkpoint=last"):
+        train(sft_config(tiny_llama, result.output_dir, "train.max_steps=1"))
+
+
+def test_tokenizer_larger_than_embedding_is_refused(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    bigger = tmp_path / "tok"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.add_tokens([f"新词{i}" for i in range(5)])
+    tokenizer.save_pretrained(bigger)
+    with pytest.raises(LoraforgeError, match=r"has 805 tokens but the model's embedding has 800 rows"):
+        train(sft_config(tiny_llama, tmp_path / "o", f"model.tokenizer={bigger}", "train.max_steps=1"))
+
+
+def test_pretraining_stage_learns_the_corpus(tiny_llama, tmp_path):
+    config = sft_config(tiny_llama, tmp_path / "pt", "stage=pt", "data.datasets=zh_corpus", "data.block_size=64",
+                        "train.max_steps=30", "train.lr=5e-3", "data.max_samples=40")
+    result = train(config)
+    assert result.last_loss < result.first_loss * 0.8
