@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,7 +52,7 @@ print("RESULT", json.dumps({{"wall_s": wall, "tokens": tokens,
                                "LORAFORGE_CACHE": str(out.parent / "cache"), "TOKENIZERS_PARALLELISM": "false"})
     if done.returncode != 0:
         sys.exit(done.stderr[-4000:])
-    line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(row for row in done.stdout.splitlines() if row.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 

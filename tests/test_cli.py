@@ -45,11 +45,11 @@ def test_bad_data_exits_2_naming_file_and_line(tmp_path, tiny_llama):
 
 def test_data_check_shows_formats_learned_spans_and_lengths(tiny_llama):
     done = loraforge("data", "check", str(EXAMPLES / "configs" / "tiny-sft.yaml"), f"model.path={tiny_llama}",
-                     f"data.dir={DATA_DIR}", "data.cutoff_len=64")
+                     f"data.dir={DATA_DIR}", "data.cutoff_len=200")
     assert done.returncode == 0, done.stderr
     out = done.stdout
     for expected in ("alpaca_zh_demo", "alpaca", "sharegpt_zh_demo", "sharegpt", "openai_zh_demo",
-                     "truncated by cutoff_len=64", "p50", "p99", "### Response: ⟦"):
+                     "truncated by cutoff_len=200", "token lengths before truncation", "p50", "p99", "### Response: ⟦"):
         assert expected in out, expected
     assert "</s>⟧" in out  # the end token is learned with the answer
 

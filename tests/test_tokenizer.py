@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from conftest import CORPUS
 from loraforge.vocab.spm import id_mismatches, load_proto
+
+from conftest import CORPUS
 
 TRICKY = [
     "你好，世界！", "“引号”与（括号）：；、。？", "  两个空格开头", "结尾两个空格  ", " ", "",

@@ -32,10 +32,16 @@ class TinyShape:
     rope_theta: float = 10000.0
 
 
-def build_spm_tokenizer(corpus: list[Path], out_dir: Path, vocab_size: int = 1200) -> Path:
-    """Train a LLaMA-style SentencePiece BPE tokenizer and write it in HF layout."""
+def build_spm_tokenizer(corpus: list[Path], out_dir: Path, vocab_size: int = 1200,
+                        character_coverage: float = 0.98) -> Path:
+    """Train a LLaMA-style SentencePiece BPE tokenizer and write it in HF layout.
+
+    The low default coverage keeps tiny vocabularies possible on a corpus with thousands
+    of distinct characters; the rarest characters fall back to bytes, as in LLaMA.
+    """
     work = out_dir / "_spm"
-    model_file = train_spm(corpus, work / "tok", vocab_size, model_type="bpe")
+    model_file = train_spm(corpus, work / "tok", vocab_size, model_type="bpe",
+                           character_coverage=character_coverage)
     save_hf_tokenizer(model_file, out_dir)
     shutil.rmtree(work)
     return out_dir

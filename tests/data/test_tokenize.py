@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from loraforge.data.records import Conversation, Turn
 from loraforge.data.templates import get_template, render_prompt
-from loraforge.data.tokenize import IGNORE, encode_conversation, encode_text_blocks
+from loraforge.data.tokenize import IGNORE, encode_conversation, encode_text_blocks, is_truncated
 
 SINGLE = Conversation((Turn("user", "把“你好”翻译成英文。"), Turn("assistant", "Hello.")))
 MULTI = Conversation(
@@ -84,7 +84,7 @@ def test_truncation_keeps_the_start_and_drops_examples_with_nothing_to_learn(tok
     tokenizer, template = tokenizer_for("spm"), get_template("alpaca")
     full = encode_conversation(tokenizer, template, MULTI, cutoff_len=4096)
     cut = encode_conversation(tokenizer, template, MULTI, cutoff_len=len(full.input_ids) - 3)
-    assert cut.truncated and cut.input_ids == full.input_ids[:-3]
+    assert is_truncated(cut) and cut.full_length == len(full.input_ids) and cut.input_ids == full.input_ids[:-3]
     prompt_len = full.labels.index(next(label for label in full.labels if label != IGNORE))
     assert encode_conversation(tokenizer, template, MULTI, cutoff_len=prompt_len) is None
 

@@ -8,28 +8,41 @@ import shutil
 import pytest
 from safetensors import safe_open
 
-from conftest import sft_config
 from loraforge.data.dataset import load_reports, resolve_specs
 from loraforge.errors import LoraforgeError
 from loraforge.infer.hf import exact_matches, load_model, template_of
 from loraforge.train.callbacks import read_log
 from loraforge.train.run import train
 
+from conftest import DATA_DIR, sft_config
+
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def learned_run(tiny_llama, tmp_path_factory):
-    """LoRA SFT on 16 bundled instructions until the tiny model knows them."""
+def learned_run(pretrained_llama, tmp_path_factory):
+    """LoRA SFT until the tiny model knows its answers.
+
+    The 16 single-turn bundled instructions with the shortest answers (10–16 characters)
+    are what a 64-wide, 2-layer model can learn by heart in about 15 seconds.
+    """
+    records = json.loads((DATA_DIR / "alpaca_zh_demo.json").read_text(encoding="utf-8"))
+    single = sorted((r for r in records if not r.get("history") and not r.get("system")),
+                    key=lambda r: len(r["output"]))
+    data = tmp_path_factory.mktemp("data") / "short_answers.json"
+    data.write_text(json.dumps(single[10:26], ensure_ascii=False), encoding="utf-8")
     out = tmp_path_factory.mktemp("runs") / "sft"
-    config = sft_config(tiny_llama, out, "data.max_samples=16", "train.epochs=40", "train.lr=5e-3",
-                        "lora.r=16", "train.group_by_length=false", "train.warmup_ratio=0.05")
+    config = sft_config(pretrained_llama, out, f"data.datasets={data}", "train.epochs=120", "train.lr=5e-3",
+                        "lora.r=32", "train.batch_size=8")
     return config, train(config)
 
 
 def test_sft_halves_the_loss_and_reproduces_trained_answers(learned_run):
     config, result = learned_run
-    assert result.last_loss < result.first_loss / 2, (result.first_loss, result.last_loss)
+    losses = [r["loss"] for r in read_log(result.output_dir / "trainer_log.jsonl") if "loss" in r]
+    per_epoch = len(losses) // 120  # batches differ in length: compare whole epochs, not single steps
+    first, last = sum(losses[:per_epoch]) / per_epoch, sum(losses[-per_epoch:]) / per_epoch
+    assert last < first / 2, (first, last)
     model, tokenizer = load_model(result.output_dir)
     records = [r for rep in load_reports(config, resolve_specs(config)) for r in rep.records if len(r.turns) == 2]
     rows = exact_matches(model, tokenizer, template_of(result.output_dir), records[:8], max_new_tokens=96)
@@ -41,7 +54,7 @@ def test_run_directory_layout(learned_run):
     config, result = learned_run
     out = result.output_dir
     adapter = json.loads((out / "adapter_config.json").read_text())
-    assert adapter["r"] == 16 and adapter["peft_type"] == "LORA"
+    assert adapter["r"] == 32 and adapter["peft_type"] == "LORA"
     assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     with safe_open(out / "adapter_model.safetensors", "pt") as f:
         assert any(k.endswith("lora_A.weight") for k in f.keys())
@@ -64,22 +77,22 @@ def test_trainer_log_has_progress_fields(learned_run):
     assert last["tokens_per_s"] > 0 and last["remaining_s"] == pytest.approx(0, abs=1)
 
 
-def test_resume_continues_the_same_loss_curve(tiny_llama, tmp_path):
-    common = ("data.max_samples=24", "train.max_steps=8", "train.lr=3e-3", "train.save_steps=4",
+def test_resume_continues_the_same_loss_curve(pretrained_llama, tmp_path):
+    common = ("data.max_samples=24", "train.max_steps=8", "train.lr=5e-3", "train.save_steps=4",
               "train.batch_size=4", "train.group_by_length=false")
-    full = train(sft_config(tiny_llama, tmp_path / "full", *common))
+    full = train(sft_config(pretrained_llama, tmp_path / "full", *common))
     whole = {r["step"]: r["loss"] for r in read_log(full.output_dir / "trainer_log.jsonl") if "loss" in r}
 
     # a run killed right after its step-4 checkpoint: only that checkpoint survives
     cut = tmp_path / "cut"
     shutil.copytree(full.output_dir / "checkpoint-4", cut / "checkpoint-4")
-    resumed = train(sft_config(tiny_llama, cut, *common, "train.resume_from_checkpoint=last"))
+    resumed = train(sft_config(pretrained_llama, cut, *common, "train.resume_from_checkpoint=last"))
     assert resumed.steps == 8
     tail = {r["step"]: r["loss"] for r in read_log(cut / "trainer_log.jsonl") if "loss" in r}
     assert sorted(tail) == [5, 6, 7, 8]
     for step, loss in tail.items():
         assert loss == pytest.approx(whole[step], rel=1e-4), (step, loss, whole[step])
-    assert tail[8] != pytest.approx(whole[4], rel=1e-3)  # it really moved on
+    assert abs(tail[8] - whole[4]) > 0.05  # it really trained on, not restarted or stood still
 
 
 @pytest.mark.parametrize("method, extra, adapter_key", [
@@ -133,12 +146,30 @@ def test_tokenizer_larger_than_embedding_is_refused(tiny_llama, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     tokenizer.add_tokens([f"新词{i}" for i in range(5)])
     tokenizer.save_pretrained(bigger)
-    with pytest.raises(LoraforgeError, match=r"has 805 tokens but the model's embedding has 800 rows"):
+    with pytest.raises(LoraforgeError, match=r"has 2005 tokens but the model's embedding has 2000 rows"):
         train(sft_config(tiny_llama, tmp_path / "o", f"model.tokenizer={bigger}", "train.max_steps=1"))
 
 
-def test_pretraining_stage_learns_the_corpus(tiny_llama, tmp_path):
-    config = sft_config(tiny_llama, tmp_path / "pt", "stage=pt", "data.datasets=zh_corpus", "data.block_size=64",
-                        "train.max_steps=30", "train.lr=5e-3", "data.max_samples=40")
+def test_pretraining_stage_learns_new_text(pretrained_llama, tmp_path):
+    config = sft_config(pretrained_llama, tmp_path / "pt", "stage=pt", "data.datasets=zh_heldout",
+                        "data.block_size=64", "train.max_steps=80", "train.lr=5e-3", "lora.r=16")
     result = train(config)
-    assert result.last_loss < result.first_loss * 0.8
+    losses = [r["loss"] for r in read_log(result.output_dir / "trainer_log.jsonl") if "loss" in r]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+def test_deepspeed_config_is_checked_before_training(tiny_llama, tmp_path):
+    with pytest.raises(LoraforgeError, match="no such DeepSpeed JSON file"):
+        train(sft_config(tiny_llama, tmp_path / "a", f"train.deepspeed={tmp_path / 'missing.json'}"))
+    ds = tmp_path / "ds_z2.json"
+    ds.write_text('{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}')
+    with pytest.raises(LoraforgeError, match=r"needs the deepspeed package: pip install 'loraforge\[gpu\]'"):
+        train(sft_config(tiny_llama, tmp_path / "b", f"train.deepspeed={ds}"))
+
+
+def test_eval_split_reports_eval_loss(tiny_llama, tmp_path):
+    result = train(sft_config(tiny_llama, tmp_path / "ev", "data.max_samples=20", "data.val_size=0.2",
+                              "train.max_steps=4", "train.eval_steps=2", "train.gradient_checkpointing=true",
+                              "train.grad_accum=2"))
+    evals = [r for r in read_log(result.output_dir / "trainer_log.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]  # no duplicate final eval
+    assert result.eval_loss == pytest.approx(evals[-1]["eval_loss"])
+    assert result.train_examples == 16

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from loraforge.config import Config
-from loraforge.data.dataset import Examples, load_reports, resolve_specs, tokenize_reports
+from loraforge.data.dataset import load_reports, resolve_specs, tokenize_reports
 from loraforge.data.formats import summarize_problems
 from loraforge.data.tokenize import IGNORE
 
@@ -54,8 +54,8 @@ def _span(tokenizer, ids: list[int], learned: bool) -> str:
     return f"{LEARN_OPEN}{text}{LEARN_CLOSE}" if learned else text
 
 
-def length_percentiles(examples: Examples) -> dict[str, int]:
-    lengths = np.array([len(ids) for ids in examples.input_ids])
+def length_percentiles(lengths: list[int]) -> dict[str, int]:
+    lengths = np.array(lengths)
     return {name: int(np.percentile(lengths, q)) for name, q in
             (("min", 0), ("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))}
 
@@ -78,7 +78,7 @@ def check_data(config: Config, tokenizer=None) -> CheckReport:
         examples=len(examples),
         truncated=stats.truncated,
         dropped_empty=stats.dropped_empty,
-        percentiles=length_percentiles(examples),
+        percentiles=length_percentiles(stats.full_lengths or [len(ids) for ids in examples.input_ids]),
         limit_name="block_size" if pt else "cutoff_len",
         limit=(config.data.block_size or config.data.cutoff_len) if pt else config.data.cutoff_len,
         rendered=mark_learned(tokenizer, examples.input_ids[sample], examples.labels[sample]),
@@ -98,7 +98,7 @@ def format_report(report: CheckReport) -> str:
     else:
         lines.append(f"{report.examples} examples; {report.truncated} truncated by {report.limit_name}={report.limit}"
                      + (f"; {report.dropped_empty} dropped (no answer left after truncation)" if report.dropped_empty else ""))
-    lines.append("token lengths: " + "  ".join(f"{k} {v}" for k, v in report.percentiles.items()))
+    lines.append(("token lengths before truncation: " if report.stage == "sft" else "block lengths: ") + "  ".join(f"{k} {v}" for k, v in report.percentiles.items()))
     lines += ["", f"one example as the model sees it (learned tokens between {LEARN_OPEN} {LEARN_CLOSE}):", "",
               report.rendered]
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from loraforge.config import Config
 from loraforge.data.records import Conversation, LoadReport, Text
 from loraforge.data.registry import DatasetSpec, load_datasets, resolve_datasets
 from loraforge.data.templates import get_template, jinja_template
-from loraforge.data.tokenize import IGNORE, encode_conversation, encode_text_blocks
+from loraforge.data.tokenize import IGNORE, encode_conversation, encode_text_blocks, is_truncated
 from loraforge.errors import LoraforgeError
 
 CACHE_FORMAT = 1  # bump when the encoding rules change
@@ -51,6 +51,7 @@ class DataStats:
     records: int = 0
     truncated: int = 0
     dropped_empty: int = 0  # truncation left no answer token to learn
+    full_lengths: list[int] = field(default_factory=list)  # sft: token lengths before truncation
     from_cache: bool = False
 
 
@@ -137,7 +138,8 @@ def tokenize_reports(config: Config, tokenizer, reports: list[LoadReport]) -> tu
         if enc is None:
             stats.dropped_empty += 1
             continue
-        stats.truncated += enc.truncated
+        stats.full_lengths.append(enc.full_length)
+        stats.truncated += is_truncated(enc)
         ids.append(enc.input_ids)
         labels.append(enc.labels)
     if not ids:

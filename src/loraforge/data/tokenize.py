@@ -30,7 +30,7 @@ _ANCHOR = "\n"  # encodes to its own token(s) in SentencePiece and byte-level BP
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    truncated: bool = False
+    full_length: int  # before truncation: what data check reports
 
 
 def continuation_ids(tokenizer, text: str, after: str = _ANCHOR) -> list[int]:
@@ -68,6 +68,10 @@ def encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[i
     return ids, learned
 
 
+def is_truncated(enc: Encoded) -> bool:
+    return enc.full_length > len(enc.input_ids)
+
+
 def encode_conversation(
     tokenizer,
     template: Template,
@@ -84,12 +88,11 @@ def encode_conversation(
         segments = [(t, a and i == last) for i, (t, a) in enumerate(segments)]
     ids, learned = encode_segments(tokenizer, segments)
     labels = [tok if (train_on_prompt or keep) else IGNORE for tok, keep in zip(ids, learned)]
-    truncated = len(ids) > cutoff_len
-    if truncated:
-        ids, labels = ids[:cutoff_len], labels[:cutoff_len]
+    full_length = len(ids)
+    ids, labels = ids[:cutoff_len], labels[:cutoff_len]
     if all(label == IGNORE for label in labels):
         return None
-    return Encoded(ids, labels, truncated)
+    return Encoded(ids, labels, full_length)
 
 
 def encode_text_blocks(tokenizer, texts: Iterable[str], block_size: int) -> list[list[int]]:

@@ -114,6 +114,19 @@ def check_vocab_fits(model, tokenizer, config: Config) -> None:
             "to the tokenizer first, or use the tokenizer the model was trained with")
 
 
+def check_deepspeed(config: Config) -> None:
+    path = config.train.deepspeed
+    if path is None:
+        return
+    if not Path(path).is_file():
+        raise LoraforgeError(f"train.deepspeed={path}: no such DeepSpeed JSON file")
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise LoraforgeError(f"train.deepspeed={path} needs the deepspeed package: pip install 'loraforge[gpu]' "
+                             "(DeepSpeed is for multi-GPU training; on a CPU leave train.deepspeed unset)")
+
+
 def optimizer_steps(config: Config, train_count: int) -> int:
     if config.train.max_steps > 0:
         return config.train.max_steps
@@ -171,8 +184,7 @@ def train(config: Config) -> RunResult:
     """Fine-tune `model.path` on the config's data; returns where the run was written."""
     output_dir = Path(config.train.output_dir)
     check_output_dir(config, output_dir)
-    if config.train.deepspeed and not Path(config.train.deepspeed).is_file():
-        raise LoraforgeError(f"train.deepspeed={config.train.deepspeed}: no such DeepSpeed JSON file")
+    check_deepspeed(config)
     resume = resolve_resume(config, output_dir)
 
     tokenizer = load_tokenizer(config)
@@ -198,13 +210,21 @@ def train(config: Config) -> RunResult:
         data_collator=PadCollator(pad_id(tokenizer)), callbacks=[JsonlLogger(log_path)],
     )
     result = trainer.train(resume_from_checkpoint=resume)
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+    if eval_set is not None and last_eval_step(log_path) != result.global_step:
+        trainer.evaluate()  # the schedule did not end on an eval step: measure the final model
 
     if trainer.is_world_process_zero():
         save_run(trainer, tokenizer, config, output_dir)
-    losses = [r["loss"] for r in read_log(log_path) if "loss" in r]
+    rows = read_log(log_path)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     return RunResult(output_dir, result.global_step, losses[0] if losses else None,
-                     losses[-1] if losses else None, len(train_set), eval_loss)
+                     losses[-1] if losses else None, len(train_set), evals[-1] if evals else None)
+
+
+def last_eval_step(log_path: Path) -> int | None:
+    steps = [r["step"] for r in read_log(log_path) if "eval_loss" in r]
+    return steps[-1] if steps else None
 
 
 def save_run(trainer, tokenizer, config: Config, output_dir: Path) -> None:

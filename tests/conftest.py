@@ -1,0 +1,95 @@
+"""Session fixtures: tiny models built once from the bundled corpus; nothing downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+DATA_DIR = EXAMPLES / "data"
+CORPUS = DATA_DIR / "zh_corpus.txt"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Tokenized-data cache in a temp dir, never the user's ~/.cache."""
+    os.environ["LORAFORGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer(tmp_path_factory) -> Path:
+    """A LLaMA-style SentencePiece BPE tokenizer trained on the bundled Chinese corpus."""
+    from loraforge.tiny import build_spm_tokenizer
+
+    return build_spm_tokenizer([CORPUS], tmp_path_factory.mktemp("spm"), vocab_size=2000)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(spm_tokenizer, tmp_path_factory) -> Path:
+    from loraforge.tiny import TinyShape, build_tiny_model
+
+    return build_tiny_model(spm_tokenizer, tmp_path_factory.mktemp("llama"), TinyShape())
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(spm_tokenizer, tmp_path_factory) -> Path:
+    """Qwen2-style: q/k/v projections with biases."""
+    from loraforge.tiny import TinyShape, build_tiny_model
+
+    return build_tiny_model(spm_tokenizer, tmp_path_factory.mktemp("qwen2"), TinyShape(arch="qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tied(spm_tokenizer, tmp_path_factory) -> Path:
+    """LLaMA with tied input/output embeddings."""
+    from loraforge.tiny import TinyShape, build_tiny_model
+
+    return build_tiny_model(spm_tokenizer, tmp_path_factory.mktemp("tied"), TinyShape(tie_embeddings=True))
+
+
+def sft_config(model: Path, output_dir: Path, *overrides: str):
+    """A small SFT config on the bundled instructions; overrides are key=value strings."""
+    from loraforge.config import load_config
+
+    base = [
+        f"model.path={model}", f"train.output_dir={output_dir}", f"data.dir={DATA_DIR}",
+        "data.datasets=alpaca_zh_demo", "data.template=chinese-alpaca", "data.cutoff_len=256",
+        "train.batch_size=8", "train.logging_steps=1", "train.save_steps=100000", "train.seed=0",
+    ]
+    return load_config(None, [*base, "stage=sft", *overrides])
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizers(tmp_path_factory) -> dict[str, Path]:
+    """Byte-level BPE tokenizers in Llama-3 and Qwen2 style, trained on the bundled corpus."""
+    from loraforge.tiny import build_bpe_tokenizer
+
+    return {style: build_bpe_tokenizer([CORPUS], tmp_path_factory.mktemp(style), style, 800)
+            for style in ("llama3", "qwen2")}
+
+
+@pytest.fixture(scope="session")
+def pretrained_llama(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny LLaMA after a few seconds of full pre-training on the bundled corpus.
+
+    A random base cannot show that LoRA learns: its frozen final norm and small random
+    lm_head cap the logit scale, so the loss cannot fall far whatever the adapter does.
+    Every real base has trained ones; a short pre-training gives ours the same.
+    """
+    from loraforge.config import load_config
+    from loraforge.train.run import train
+
+    out = tmp_path_factory.mktemp("pretrained")
+    train(load_config(None, [
+        "stage=pt", "method=full", f"model.path={tiny_llama}", f"train.output_dir={out}",
+        f"data.dir={DATA_DIR}", "data.datasets=zh_corpus", "data.block_size=128", "train.batch_size=16",
+        "train.max_steps=200", "train.lr=5e-3", "train.logging_steps=10", "train.save_steps=100000",
+        "train.overwrite_output_dir=true",
+    ]))
+    return out
