@@ -42,7 +42,7 @@ cfg = load_config(None, ["model.path={base}", "train.output_dir={out}", "data.di
 start = time.perf_counter()
 result = train(cfg)
 wall = time.perf_counter() - start
-rows = read_log(cfg.train.output_dir + "/trainer_log.jsonl")
+rows = read_log(result.output_dir / "trainer_log.jsonl")
 tokens = rows[-1]["tokens_seen"]
 print("RESULT", json.dumps({{"wall_s": wall, "tokens": tokens,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))

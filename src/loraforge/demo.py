@@ -68,14 +68,16 @@ def main() -> None:
 
     model, tokenizer = load_model(run_dir)
     records = [r for rep in load_reports(config, resolve_specs(config)) for r in rep.records if len(r.turns) == 2]
-    rows = exact_matches(model, tokenizer, template_of(run_dir), records[:8])
-    print("\nwhat it learned (greedy answers to training instructions):")
-    for question, expected, got in rows:
+    rows = exact_matches(model, tokenizer, template_of(run_dir), records)
+    exact = [row for row in rows if row[1].strip() == row[2].strip()]
+    shown = (exact + [row for row in rows if row not in exact])[:6]
+    print(f"\nwhat it learned: greedy answers to {len(rows)} trained questions, {len(exact)} word for word")
+    for question, expected, got in shown:
         mark = "✓" if got.strip() == expected.strip() else "·"
         print(f"  {mark} 问：{question[:40]}\n      训练答案：{expected[:60]}\n      模型回答：{got[:60]}")
-    exact = sum(got.strip() == expected.strip() for _, expected, got in rows)
-    summary = {"sft_loss_first": result.first_loss, "sft_loss_last": result.last_loss,
-               "exact_answers": f"{exact}/{len(rows)}", "seconds": round(time.perf_counter() - start, 1)}
+    summary = {"pt_base": str(base), "sft_loss_first": round(result.first_loss, 3),
+               "sft_loss_last": round(result.last_loss, 3), "exact_answers": f"{len(exact)}/{len(rows)}",
+               "seconds": round(time.perf_counter() - start, 1)}
     print("\n" + json.dumps(summary, ensure_ascii=False))
 
 

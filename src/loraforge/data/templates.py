@@ -26,7 +26,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from loraforge.data.records import Conversation, Turn
 from loraforge.errors import LoraforgeError
@@ -51,33 +51,26 @@ class Template:
 
 _ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 
+_ALPACA = Template(
+    name="alpaca",
+    description="Stanford Alpaca: ### Instruction: / ### Response:",
+    default_system=_ALPACA_SYSTEM,
+    stop_strings=("### Instruction:",),
+    end_token=None,
+    system="{system}\n\n",
+    user="### Instruction:\n{user}\n\n",
+    assistant="### Response:\n",
+    separator="\n\n",
+)
+
 TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in [
-        Template(
-            name="alpaca",
-            description="Stanford Alpaca: ### Instruction: / ### Response:",
-            default_system=_ALPACA_SYSTEM,
-            stop_strings=("### Instruction:",),
-            end_token=None,
-            system="{system}\n\n",
-            user="### Instruction:\n{user}\n\n",
-            assistant="### Response:\n",
-            separator="\n\n",
-        ),
-        Template(
-            # Chinese-LLaMA-Alpaca v1's scripts end the prompt with "### Response: " — a
-            # space, no newline; a model trained on it expects exactly that.
-            name="chinese-alpaca",
-            description="Chinese-LLaMA-Alpaca v1: Alpaca with '### Response: ' (space, no newline)",
-            default_system=_ALPACA_SYSTEM,
-            stop_strings=("### Instruction:",),
-            end_token=None,
-            system="{system}\n\n",
-            user="### Instruction:\n{user}\n\n",
-            assistant="### Response: ",
-            separator="\n\n",
-        ),
+        _ALPACA,
+        # Chinese-LLaMA-Alpaca v1's scripts end the prompt with "### Response: " — a space,
+        # no newline; a model trained on it expects exactly that.
+        replace(_ALPACA, name="chinese-alpaca", assistant="### Response: ",
+                description="Chinese-LLaMA-Alpaca v1: Alpaca with '### Response: ' (space, no newline)"),
         Template(
             # Meta's Llama-2 chat layout: the system block sits inside the first [INST],
             # every later round starts with a fresh BOS after the previous answer's EOS.

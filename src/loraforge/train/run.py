@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,9 +196,6 @@ def train(config: Config) -> RunResult:
 
     from transformers import Trainer
 
-    # peft still asks transformers 5 for `is_gradient_checkpointing`; the rename warning
-    # says nothing a user can act on
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     output_dir.mkdir(parents=True, exist_ok=True)
     args = training_arguments(config, output_dir, has_eval=eval_set is not None)
     log_path = output_dir / LOG_NAME
