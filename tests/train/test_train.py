@@ -173,3 +173,18 @@ def test_eval_split_reports_eval_loss(tiny_llama, tmp_path):
     assert [r["step"] for r in evals] == [2, 4]  # no duplicate final eval
     assert result.eval_loss == pytest.approx(evals[-1]["eval_loss"])
     assert result.train_examples == 16
+
+
+def test_skip_invalid_training_says_what_it_dropped(tiny_llama, tmp_path, capsys):
+    data = tmp_path / "mixed.jsonl"
+    good = {"instruction": "天空是什么颜色？", "output": "蓝色。"}
+    data.write_text("\n".join([json.dumps(good, ensure_ascii=False)] * 6
+                              + ['{"instruction": "空的回答", "output": ""}', '{"instruction": "x"}']) + "\n")
+    for attempt in ("fresh", "cached"):
+        train(sft_config(tiny_llama, tmp_path / attempt, f"data.datasets={data}", "data.skip_invalid=true",
+                         "train.max_steps=1"))
+        out = capsys.readouterr().out
+        assert "data: 6 records → 6 examples" in out, out
+        assert "dropped 2 invalid records" in out and "mixed.jsonl:7" in out, out
+    assert "from the cache" in out
+    assert "lora: training" in out and "parameters (" in out

@@ -13,7 +13,6 @@ import numpy as np
 
 from loraforge.config import Config
 from loraforge.data.dataset import load_reports, resolve_specs, tokenize_reports
-from loraforge.data.formats import summarize_problems
 from loraforge.data.tokenize import IGNORE
 
 LEARN_OPEN, LEARN_CLOSE = "⟦", "⟧"
@@ -66,7 +65,6 @@ def check_data(config: Config, tokenizer=None) -> CheckReport:
     tokenizer = tokenizer or load_tokenizer(config)
     reports = load_reports(config, resolve_specs(config))
     examples, stats = tokenize_reports(config, tokenizer, reports)
-    problems = [p for r in reports for p in r.problems]
     pt = config.stage == "pt"
     # the longest of the first few examples shows the most structure (history, system, input)
     sample = 0 if pt else max(range(min(50, len(examples))), key=lambda i: len(examples.input_ids[i]))
@@ -74,7 +72,7 @@ def check_data(config: Config, tokenizer=None) -> CheckReport:
         stage=config.stage,
         template=config.data.template,
         datasets=[(r.name, r.format, len(r.records), len(r.problems)) for r in reports],
-        problems_summary=summarize_problems(problems) if problems else "",
+        problems_summary=stats.problems,
         examples=len(examples),
         truncated=stats.truncated,
         dropped_empty=stats.dropped_empty,

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from loraforge.config import Config
+from loraforge.data.formats import summarize_problems
 from loraforge.data.records import Conversation, LoadReport, Text
 from loraforge.data.registry import DatasetSpec, load_datasets, resolve_datasets
 from loraforge.data.templates import get_template, jinja_template
-from loraforge.data.tokenize import IGNORE, encode_conversation, encode_text_blocks, is_truncated
+from loraforge.data.tokenize import encode_conversation, encode_text_blocks, is_truncated
 from loraforge.errors import LoraforgeError
 
 CACHE_FORMAT = 1  # bump when the encoding rules change
@@ -41,9 +42,6 @@ class Examples:
     def subset(self, indices: list[int]) -> Examples:
         return Examples([self.input_ids[i] for i in indices], [self.labels[i] for i in indices])
 
-    def learned_tokens(self) -> int:
-        return sum(sum(1 for t in labels if t != IGNORE) for labels in self.labels)
-
 
 @dataclass
 class DataStats:
@@ -52,7 +50,19 @@ class DataStats:
     truncated: int = 0
     dropped_empty: int = 0  # truncation left no answer token to learn
     full_lengths: list[int] = field(default_factory=list)  # sft: token lengths before truncation
+    problems: str = ""  # skipped invalid records, grouped by reason ("" when none)
     from_cache: bool = False
+
+    def describe(self, examples: Examples, config: Config) -> str:
+        """One progress line about the tokenized data, plus what was skipped."""
+        unit = "blocks" if config.stage == "pt" else "examples"
+        line = f"data: {self.records} records → {len(examples)} {unit}"
+        if self.truncated:
+            line += f", {self.truncated} truncated by data.cutoff_len={config.data.cutoff_len}"
+        if self.dropped_empty:
+            line += f", {self.dropped_empty} dropped (no answer left after truncation)"
+        line += " (tokenized earlier, from the cache)" if self.from_cache else ""
+        return line + (f"\n{self.problems}" if self.problems else "")
 
 
 def cache_dir(config: Config) -> Path:
@@ -91,7 +101,7 @@ def _save(path: Path, examples: Examples, stats: DataStats) -> None:
     lengths = np.array([len(x) for x in examples.input_ids], dtype=np.int64)
     flat = lambda rows: np.array([t for row in rows for t in row], dtype=np.int32)  # noqa: E731
     meta = {"records": stats.records, "truncated": stats.truncated, "dropped_empty": stats.dropped_empty,
-            "reports": [[r.name, r.format, len(r.records), len(r.problems)] for r in stats.reports]}
+            "problems": stats.problems}
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, lengths=lengths, ids=flat(examples.input_ids), labels=flat(examples.labels),
              meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
@@ -105,8 +115,8 @@ def _load(path: Path) -> tuple[Examples, DataStats]:
         meta = json.loads(npz["meta"].tobytes().decode())
     rows = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
     examples = Examples([ids[a:b] for a, b in rows], [labels[a:b] for a, b in rows])
-    reports = [LoadReport(name=n, format=f, records=[None] * k, problems=[None] * p) for n, f, k, p in meta["reports"]]
-    stats = DataStats(reports, meta["records"], meta["truncated"], meta["dropped_empty"], from_cache=True)
+    stats = DataStats(records=meta["records"], truncated=meta["truncated"], dropped_empty=meta["dropped_empty"],
+                      problems=meta["problems"], from_cache=True)
     return examples, stats
 
 
@@ -123,7 +133,9 @@ def load_reports(config: Config, specs: list[DatasetSpec]) -> list[LoadReport]:
 
 
 def tokenize_reports(config: Config, tokenizer, reports: list[LoadReport]) -> tuple[Examples, DataStats]:
-    stats = DataStats(reports=reports, records=sum(len(r.records) for r in reports))
+    problems = [p for r in reports for p in r.problems]
+    stats = DataStats(reports=reports, records=sum(len(r.records) for r in reports),
+                      problems=summarize_problems(problems) if problems else "")
     records = [rec for r in reports for rec in r.records]
     if config.stage == "pt":
         texts = [rec.text for rec in records if isinstance(rec, Text)]

@@ -17,12 +17,18 @@ from pathlib import Path
 import torch
 
 from loraforge.config import Config, dump_config
-from loraforge.data.dataset import Examples, build_examples, split_eval
+from loraforge.data.dataset import build_examples, split_eval
 from loraforge.data.templates import get_template, jinja_template
 from loraforge.data.tokenize import IGNORE
 from loraforge.errors import LoraforgeError
 from loraforge.train.callbacks import JsonlLogger, plot_loss, read_log
-from loraforge.train.methods import apply_method, compute_dtype, has_cuda, load_base_model
+from loraforge.train.methods import (
+    apply_method,
+    compute_dtype,
+    has_cuda,
+    load_base_model,
+    trainable_summary,
+)
 
 LOG_NAME = "trainer_log.jsonl"
 
@@ -187,12 +193,19 @@ def train(config: Config) -> RunResult:
     resume = resolve_resume(config, output_dir)
 
     tokenizer = load_tokenizer(config)
-    examples, _stats = build_examples(config, tokenizer)
+    examples, stats = build_examples(config, tokenizer)
     train_set, eval_set = split_eval(examples, config.data.val_size, config.train.seed)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        print(stats.describe(examples, config), flush=True)
 
     model = load_base_model(config)
     check_vocab_fits(model, tokenizer, config)
     model = apply_method(model, config, optimizer_steps(config, len(train_set)))
+    if main_process:
+        trainable, total = trainable_summary(model)
+        print(f"{config.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)",
+              flush=True)
 
     from transformers import Trainer
 
@@ -228,7 +241,3 @@ def save_run(trainer, tokenizer, config: Config, output_dir: Path) -> None:
     tokenizer.save_pretrained(str(output_dir))
     (output_dir / "loraforge.yaml").write_text(dump_config(config), encoding="utf-8")
     plot_loss(output_dir / LOG_NAME, output_dir / "loss.png", title=f"{config.stage} · {config.method} · {output_dir.name}")
-
-
-def examples_summary(examples: Examples) -> str:
-    return f"{len(examples)} examples, {examples.learned_tokens()} learned tokens"

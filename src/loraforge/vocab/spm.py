@@ -13,7 +13,6 @@ Two rules come from users who got bitten:
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -172,9 +171,3 @@ def id_mismatches(model_file: Path, tokenizer, texts: Iterable[str]) -> list[tup
         if want != got:
             bad.append((text, want, got))
     return bad
-
-
-def timed_train(corpus: Sequence[Path], out_prefix: Path, vocab_size: int, **kw) -> tuple[Path, float]:
-    start = time.perf_counter()
-    path = train_spm(corpus, out_prefix, vocab_size, **kw)
-    return path, time.perf_counter() - start
