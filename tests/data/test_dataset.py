@@ -57,3 +57,11 @@ def test_eval_split_is_deterministic_and_disjoint(tiny_llama, tmp_path, data_fil
     assert not {tuple(x) for x in eval_a.input_ids} & {tuple(x) for x in train_a.input_ids}
     with pytest.raises(LoraforgeError, match="nothing left to train on"):
         split_eval(examples, 10, seed=1)
+
+
+def test_a_damaged_cache_entry_is_rebuilt(tiny_llama, tmp_path, data_file):
+    first, _ = build(tiny_llama, tmp_path, data_file)
+    (entry,) = (tmp_path / "cache").glob("*.npz")
+    entry.write_bytes(b"not an npz")
+    again, stats = build(tiny_llama, tmp_path, data_file)
+    assert not stats.from_cache and again.input_ids == first.input_ids

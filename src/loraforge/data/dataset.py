@@ -25,7 +25,7 @@ from loraforge.data.templates import get_template, jinja_template
 from loraforge.data.tokenize import encode_conversation, encode_text_blocks, is_truncated
 from loraforge.errors import LoraforgeError
 
-CACHE_FORMAT = 1  # bump when the encoding rules change
+CACHE_FORMAT = 2  # bump when the encoding rules or the stored fields change
 
 
 @dataclass
@@ -102,7 +102,8 @@ def _save(path: Path, examples: Examples, stats: DataStats) -> None:
     flat = lambda rows: np.array([t for row in rows for t in row], dtype=np.int32)  # noqa: E731
     meta = {"records": stats.records, "truncated": stats.truncated, "dropped_empty": stats.dropped_empty,
             "problems": stats.problems}
-    tmp = path.with_suffix(".tmp.npz")
+    # each process its own temporary name: under torchrun every rank writes the same entry
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, lengths=lengths, ids=flat(examples.input_ids), labels=flat(examples.labels),
              meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
     tmp.replace(path)
@@ -165,7 +166,10 @@ def build_examples(config: Config, tokenizer) -> tuple[Examples, DataStats]:
     specs = resolve_specs(config)
     path = cache_dir(config) / f"{cache_key(config, tokenizer, specs)}.npz"
     if path.exists():
-        return _load(path)
+        try:
+            return _load(path)
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            path.unlink(missing_ok=True)  # damaged or from an older loraforge: tokenize again
     examples, stats = tokenize_reports(config, tokenizer, load_reports(config, specs))
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(path, examples, stats)
