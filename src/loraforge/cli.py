@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from loraforge import __version__
 from loraforge.errors import LoraforgeError
@@ -50,6 +51,22 @@ def cmd_train(args) -> None:
         print(f"run directory: {result.output_dir}  (loss curve: {result.output_dir / 'loss.png'})")
 
 
+def cmd_merge(args) -> None:
+    from loraforge.export.hf import merge_to_hf
+
+    adapters = [Path(a) for a in args.adapter.split(",")] if args.adapter else []
+    out = merge_to_hf(Path(args.base), adapters, Path(args.output), int(args.max_shard_gb * 1024**3))
+    print(f"merged {len(adapters)} adapter(s) into {args.base}: {out}")
+
+
+def _merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, help="base model dir (safetensors)")
+    parser.add_argument("--adapter", default="", help="adapter dirs in training order: pt first, then sft (A1,A2)")
+    parser.add_argument("-o", "--output", required=True, help="new directory for the merged model")
+    parser.add_argument("--format", choices=["hf"], default="hf", help="hf: sharded safetensors + config + tokenizer")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
+
+
 def _config_command(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -63,6 +80,7 @@ COMMANDS: list[tuple[tuple[str, ...], Callable, str, Callable | None]] = [
     (("data", "check"), cmd_data_check,
      "formats, counts, one rendered example with learned spans, token lengths", _config_command),
     (("train",), cmd_train, "LoRA / full / prompt-method training (stage pt or sft)", _config_command),
+    (("merge",), cmd_merge, "merge LoRA adapters into the base, streamed tensor by tensor", _merge_arguments),
 ]
 
 

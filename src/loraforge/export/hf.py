@@ -1,0 +1,132 @@
+"""`loraforge merge --format hf`: the merged model as sharded safetensors, streamed.
+
+A safetensors header lists every tensor's shape and byte range, and the plan knows all
+of them before any weight is read, so each shard's header is written first and the
+tensors follow one at a time: memory holds one tensor, never a shard. The result goes
+to a temporary directory that is renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from loraforge.errors import LoraforgeError
+from loraforge.export.weights import Adapter, Planned, merged_tensors, plan, read_adapter
+
+SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.jinja", "added_tokens.json")
+DEFAULT_SHARD_BYTES = 5 * 1024**3  # what transformers' save_pretrained uses
+
+
+def nbytes(item: Planned) -> int:
+    count = 1
+    for dim in item.shape:
+        count *= dim
+    return count * torch.empty((), dtype=item.dtype).element_size()
+
+
+def shard_plan(planned: list[Planned], max_bytes: int) -> list[list[Planned]]:
+    shards: list[list[Planned]] = [[]]
+    size = 0
+    for item in planned:
+        if shards[-1] and size + nbytes(item) > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += nbytes(item)
+    return shards
+
+
+def safetensors_header(items: list[Planned]) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for item in items:
+        size = nbytes(item)
+        header[item.name] = {"dtype": SAFETENSORS_DTYPE[item.dtype], "shape": item.shape,
+                             "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def check_free_space(out_dir: Path, needed: int) -> None:
+    parent = out_dir.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    if free < needed * 1.02:
+        raise LoraforgeError(f"{parent} has {free / 1e9:.1f} GB free but the merged model needs "
+                             f"{needed / 1e9:.1f} GB: free some space or choose another -o")
+
+
+def merged_config(base_dir: Path, planned: list[Planned]) -> dict:
+    config = json.loads((Path(base_dir) / "config.json").read_text())
+    embed = next((p for p in planned if p.name == "model.embed_tokens.weight"), None)
+    if embed is not None:
+        config["vocab_size"] = embed.shape[0]  # an extended vocabulary flows through here
+    return config
+
+
+def copy_tokenizer(base_dir: Path, adapters: list[Adapter], out_dir: Path) -> None:
+    """The tokenizer (and its chat template) of the last adapter that has one, else the base's."""
+    sources = [a.path for a in reversed(adapters)] + [Path(base_dir)]
+    source = next(s for s in sources if (s / "tokenizer_config.json").exists() or s == Path(base_dir))
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, out_dir / name)
+    if (Path(base_dir) / "generation_config.json").exists():
+        shutil.copy(Path(base_dir) / "generation_config.json", out_dir / "generation_config.json")
+
+
+def merge_to_hf(base_dir: Path, adapter_dirs: list[Path], out_dir: Path,
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Base + adapters (in order) → a HF model directory with merged weights."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise LoraforgeError(f"{out_dir} exists and is not empty: choose a new -o (nothing was written)")
+    adapters = [read_adapter(p) for p in adapter_dirs]
+    planned = plan(base_dir, adapters)
+    check_free_space(out_dir, sum(nbytes(p) for p in planned))
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write_shards(tmp, planned, adapters, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(merged_config(base_dir, planned), indent=2))
+        copy_tokenizer(base_dir, adapters, tmp)
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def write_shards(folder: Path, planned: list[Planned], adapters: list[Adapter], max_shard_bytes: int) -> None:
+    shards = shard_plan(planned, max_shard_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    total = sum(nbytes(p) for p in planned)
+    stream = merged_tensors(planned, adapters)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="merging") as progress:
+        for name, items in zip(names, shards):
+            with (folder / name).open("wb") as fh:
+                fh.write(safetensors_header(items))
+                for item in items:
+                    planned_item, tensor = next(stream)
+                    assert planned_item is item
+                    # via uint8: numpy has no bfloat16
+                    fh.write(tensor.to(item.dtype).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                    progress.update(nbytes(item))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {item.name: name for name, items in zip(names, shards) for item in items}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,194 @@
+"""The one streaming path for weights: base shards + ordered adapters → merged tensors.
+
+`merge` and `export gguf` both consume `merged_tensors`: it opens the base safetensors
+shards memory-mapped, and yields `(name, fp32 tensor)` one at a time with each
+adapter's delta `scale · B @ A` added in the order given; a `modules_to_save` tensor
+(embed_tokens / lm_head of an extended vocabulary) replaces the base tensor. Peak memory
+is one tensor plus its deltas, never the model.
+
+Everything that can be wrong is checked before the first byte is written (`plan`):
+a corrupt shard, an adapter whose LoRA shapes do not fit the base, an adapter that
+targets a tensor the base does not have, adapters in the wrong order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from loraforge.errors import LoraforgeError
+
+_PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+EMBEDDING_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+@dataclass
+class Adapter:
+    """A peft LoRA adapter directory, read lazily."""
+
+    path: Path
+    config: dict
+    lora: dict[str, tuple[str, str]] = field(default_factory=dict)  # base weight name → (A key, B key)
+    full: dict[str, str] = field(default_factory=dict)  # base weight name → key of a whole tensor
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    handle: object = None  # the open (memory-mapped) adapter_model.safetensors
+
+    @property
+    def vocab_rows(self) -> int | None:
+        rows = [self.shapes[self.full[n]][0] for n in EMBEDDING_NAMES if n in self.full]
+        return rows[0] if rows else None
+
+    def scale(self, weight_name: str, rank: int) -> float:
+        """LoRA's alpha/r (alpha/√r with rsLoRA), honouring peft's per-module patterns."""
+        module = weight_name.removesuffix(".weight")
+        alpha = self.config.get("lora_alpha", rank)
+        for pattern, value in (self.config.get("alpha_pattern") or {}).items():
+            if module == pattern or module.endswith("." + pattern):
+                alpha = value
+        return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self.handle.get_tensor(key).to(torch.float32)
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise LoraforgeError(f"{path}: cannot read safetensors ({exc}) — the file is corrupt or truncated; "
+                             "copy or download it again") from None
+
+
+def read_adapter(path: Path) -> Adapter:
+    path = Path(path)
+    config_file = path / "adapter_config.json"
+    if not config_file.exists():
+        raise LoraforgeError(f"{path}: no adapter_config.json — not a peft adapter directory")
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type") not in ("LORA", None):
+        raise LoraforgeError(f"{path}: a {config['peft_type']} adapter cannot be merged into weights; "
+                             "only LoRA adapters can (prompt/prefix methods need the adapter at inference)")
+    if config.get("use_dora"):
+        raise LoraforgeError(f"{path}: DoRA adapters are not supported by merge/export yet; "
+                             "merge it with peft's merge_and_unload and export the merged model")
+    weights = path / "adapter_model.safetensors"
+    if not weights.exists():
+        raise LoraforgeError(f"{path}: no adapter_model.safetensors (a .bin adapter? re-save it with peft ≥ 0.6)")
+    adapter = Adapter(path, config, handle=_open(weights))
+    pairs: dict[str, dict[str, str]] = {}
+    for key in adapter.handle.keys():
+        adapter.shapes[key] = adapter.handle.get_slice(key).get_shape()
+        name = key.removeprefix(_PEFT_PREFIX)
+        match = _LORA_KEY.match(name)
+        if match:
+            pairs.setdefault(match["module"] + ".weight", {})[match["which"]] = key
+        else:
+            adapter.full[name] = key
+    for name, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise LoraforgeError(f"{weights}: {name} has lora_{''.join(pair)} but not its partner — the adapter is incomplete")
+        adapter.lora[name] = (pair["A"], pair["B"])
+    return adapter
+
+
+def base_shards(base_dir: Path) -> dict[str, Path]:
+    """Tensor name → the shard that holds it."""
+    base_dir = Path(base_dir)
+    index = base_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: base_dir / shard for name, shard in weight_map.items()}
+    single = base_dir / "model.safetensors"
+    if not single.exists():
+        raise LoraforgeError(f"{base_dir}: no model.safetensors or model.safetensors.index.json — "
+                             "export needs the base model in safetensors format")
+    return {name: single for name in _open(single).keys()}
+
+
+@dataclass
+class Planned:
+    """One output tensor: its name, shape and dtype, and where its bytes come from."""
+
+    name: str
+    shape: list[int]
+    dtype: torch.dtype
+    shard: Path
+
+
+def plan(base_dir: Path, adapters: list[Adapter]) -> list[Planned]:
+    """Every output tensor with its final shape, after checking that the adapters fit."""
+    shards = base_shards(base_dir)
+    planned: dict[str, Planned] = {}
+    handles = {shard: _open(shard) for shard in set(shards.values())}
+    for name, shard in shards.items():
+        view = handles[shard].get_slice(name)
+        planned[name] = Planned(name, list(view.get_shape()), _dtype(view.get_dtype()), shard)
+    check_order(adapters)
+    for index, adapter in enumerate(adapters, start=1):
+        for name, key in adapter.full.items():
+            if name not in planned:
+                raise LoraforgeError(f"adapter {index} ({adapter.path}) carries {name}, which the base model "
+                                     f"{base_dir} does not have — is it an adapter for another model?")
+            new_shape = adapter.shapes[key]
+            if new_shape[1:] != planned[name].shape[1:]:
+                raise LoraforgeError(f"adapter {index} ({adapter.path}): {name} has shape {new_shape}, the base has "
+                                     f"{planned[name].shape} — only the vocabulary (rows) may differ")
+            planned[name].shape = list(new_shape)
+        for name, (a_key, b_key) in adapter.lora.items():
+            if name not in planned:
+                raise LoraforgeError(f"adapter {index} ({adapter.path}) adapts {name}, which the base model "
+                                     f"{base_dir} does not have — is it an adapter for another model?")
+            out_rows, in_cols = planned[name].shape[0], planned[name].shape[-1]
+            (rank, a_cols), (b_rows, b_rank) = adapter.shapes[a_key], adapter.shapes[b_key]
+            if a_cols != in_cols or b_rows != out_rows or rank != b_rank:
+                raise LoraforgeError(
+                    f"adapter {index} ({adapter.path}): LoRA for {name} is B{[b_rows, b_rank]}·A{[rank, a_cols]} "
+                    f"but the base tensor is {planned[name].shape} — the adapter was trained on a different base")
+    return list(planned.values())
+
+
+def check_order(adapters: list[Adapter]) -> None:
+    """A vocabulary never shrinks from one adapter to the next: if it does, the order is reversed."""
+    previous: tuple[int, Adapter] | None = None
+    for index, adapter in enumerate(adapters, start=1):
+        rows = adapter.vocab_rows
+        if rows is None:
+            continue
+        if previous and rows < previous[1].vocab_rows:
+            raise LoraforgeError(
+                f"adapter {index} ({adapter.path}) has vocab {rows} < adapter {previous[0]}'s "
+                f"{previous[1].vocab_rows} ({previous[1].path}): adapters are in the wrong order — "
+                "pass the pre-training adapter first, then the SFT adapter")
+        previous = (index, adapter)
+
+
+def _dtype(name: str) -> torch.dtype:
+    table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    if name not in table:
+        raise LoraforgeError(f"unsupported tensor dtype {name} in the base model (expected F32, F16 or BF16)")
+    return table[name]
+
+
+def merged_tensors(planned: list[Planned], adapters: list[Adapter]) -> Iterator[tuple[Planned, torch.Tensor]]:
+    """Yield each output tensor in fp32, base + every adapter's delta in order."""
+    handles: dict[Path, object] = {}
+    for item in planned:
+        if item.shard not in handles:
+            handles[item.shard] = _open(item.shard)
+        tensor = handles[item.shard].get_tensor(item.name).to(torch.float32)
+        for adapter in adapters:
+            if item.name in adapter.full:
+                tensor = adapter.tensor(adapter.full[item.name])
+            elif item.name in adapter.lora:
+                a_key, b_key = adapter.lora[item.name]
+                lora_a, lora_b = adapter.tensor(a_key), adapter.tensor(b_key)
+                tensor += adapter.scale(item.name, lora_a.shape[0]) * (lora_b @ lora_a)
+        yield item, tensor
