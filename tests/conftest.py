@@ -93,3 +93,22 @@ def pretrained_llama(tiny_llama, tmp_path_factory) -> Path:
         "train.overwrite_output_dir=true",
     ]))
     return out
+
+
+def random_adapter(base, out, seed, **lora):
+    """A LoRA adapter with random (non-zero) A and B, saved by peft itself."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+                        **lora)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    peft_model.save_pretrained(out)
+    return out

@@ -67,6 +67,21 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
 
 
+def cmd_export_gguf(args) -> None:
+    from loraforge.export.gguf_writer import export_gguf
+
+    adapters = [Path(a) for a in args.adapter.split(",")] if args.adapter else []
+    out = export_gguf(Path(args.base), adapters, Path(args.output), args.quant)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {args.quant})")
+
+
+def _export_gguf_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, help="base model dir (safetensors)")
+    parser.add_argument("--adapter", default="", help="adapter dirs in training order: pt first, then sft (A1,A2)")
+    parser.add_argument("--quant", default="f16", help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1")
+    parser.add_argument("-o", "--output", required=True, help="the .gguf file to write")
+
+
 def _config_command(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -80,6 +95,7 @@ COMMANDS: list[tuple[tuple[str, ...], Callable, str, Callable | None]] = [
     (("data", "check"), cmd_data_check,
      "formats, counts, one rendered example with learned spans, token lengths", _config_command),
     (("train",), cmd_train, "LoRA / full / prompt-method training (stage pt or sft)", _config_command),
+    (("export", "gguf"), cmd_export_gguf, "base + adapters → one GGUF file in one streaming pass", _export_gguf_arguments),
     (("merge",), cmd_merge, "merge LoRA adapters into the base, streamed tensor by tensor", _merge_arguments),
 ]
 

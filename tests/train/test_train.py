@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
@@ -64,6 +65,7 @@ def test_run_directory_layout(learned_run):
     chat_template = tokenizer_cfg.get("chat_template") or (out / "chat_template.jinja").read_text()
     assert "### Response: " in chat_template
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "tokenizer.model").read_bytes() == (Path(config.model.path) / "tokenizer.model").read_bytes()
 
 
 def test_trainer_log_has_progress_fields(learned_run):

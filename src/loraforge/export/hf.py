@@ -17,19 +17,22 @@ import torch
 from tqdm import tqdm
 
 from loraforge.errors import LoraforgeError
-from loraforge.export.weights import Adapter, Planned, merged_tensors, plan, read_adapter
+from loraforge.export.weights import (
+    Adapter,
+    Planned,
+    check_free_space,
+    merged_config,
+    merged_tensors,
+    nbytes,
+    plan,
+    read_adapter,
+    tokenizer_source,
+)
 
 SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "chat_template.jinja", "added_tokens.json")
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # what transformers' save_pretrained uses
-
-
-def nbytes(item: Planned) -> int:
-    count = 1
-    for dim in item.shape:
-        count *= dim
-    return count * torch.empty((), dtype=item.dtype).element_size()
 
 
 def shard_plan(planned: list[Planned], max_bytes: int) -> list[list[Planned]]:
@@ -57,27 +60,8 @@ def safetensors_header(items: list[Planned]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def check_free_space(out_dir: Path, needed: int) -> None:
-    parent = out_dir.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(parent).free
-    if free < needed * 1.02:
-        raise LoraforgeError(f"{parent} has {free / 1e9:.1f} GB free but the merged model needs "
-                             f"{needed / 1e9:.1f} GB: free some space or choose another -o")
-
-
-def merged_config(base_dir: Path, planned: list[Planned]) -> dict:
-    config = json.loads((Path(base_dir) / "config.json").read_text())
-    embed = next((p for p in planned if p.name == "model.embed_tokens.weight"), None)
-    if embed is not None:
-        config["vocab_size"] = embed.shape[0]  # an extended vocabulary flows through here
-    return config
-
-
 def copy_tokenizer(base_dir: Path, adapters: list[Adapter], out_dir: Path) -> None:
-    """The tokenizer (and its chat template) of the last adapter that has one, else the base's."""
-    sources = [a.path for a in reversed(adapters)] + [Path(base_dir)]
-    source = next(s for s in sources if (s / "tokenizer_config.json").exists() or s == Path(base_dir))
+    source = tokenizer_source(base_dir, adapters)
     for name in TOKENIZER_FILES:
         if (source / name).exists():
             shutil.copy(source / name, out_dir / name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,3 +193,35 @@ def merged_tensors(planned: list[Planned], adapters: list[Adapter]) -> Iterator[
                 lora_a, lora_b = adapter.tensor(a_key), adapter.tensor(b_key)
                 tensor += adapter.scale(item.name, lora_a.shape[0]) * (lora_b @ lora_a)
         yield item, tensor
+
+
+def nbytes(item: Planned) -> int:
+    count = 1
+    for dim in item.shape:
+        count *= dim
+    return count * torch.empty((), dtype=item.dtype).element_size()
+
+
+def check_free_space(out_dir: Path, needed: int) -> None:
+    parent = out_dir.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    if free < needed * 1.02:
+        raise LoraforgeError(f"{parent} has {free / 1e9:.1f} GB free but the merged model needs "
+                             f"{needed / 1e9:.1f} GB: free some space or choose another -o")
+
+
+def merged_config(base_dir: Path, planned: list[Planned]) -> dict:
+    config = json.loads((Path(base_dir) / "config.json").read_text())
+    embed = next((p for p in planned if p.name == "model.embed_tokens.weight"), None)
+    if embed is not None:
+        config["vocab_size"] = embed.shape[0]  # an extended vocabulary flows through here
+    return config
+
+
+def tokenizer_source(base_dir: Path, adapters: list[Adapter]) -> Path:
+    """Where the tokenizer (and chat template) comes from: the last adapter that has one, else the base."""
+    for adapter in reversed(adapters):
+        if (adapter.path / "tokenizer_config.json").exists():
+            return adapter.path
+    return Path(base_dir)

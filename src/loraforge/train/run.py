@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,5 +240,10 @@ def last_eval_step(log_path: Path) -> int | None:
 def save_run(trainer, tokenizer, config: Config, output_dir: Path) -> None:
     trainer.save_model(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
+    # a fast tokenizer does not write the SentencePiece model it came from; export and
+    # vocabulary work need it, so the run carries it along
+    spm_model = Path(config.model.tokenizer or config.model.path) / "tokenizer.model"
+    if spm_model.exists():
+        shutil.copy(spm_model, output_dir / "tokenizer.model")
     (output_dir / "loraforge.yaml").write_text(dump_config(config), encoding="utf-8")
     plot_loss(output_dir / LOG_NAME, output_dir / "loss.png", title=f"{config.stage} · {config.method} · {output_dir.name}")

@@ -1,0 +1,105 @@
+"""`loraforge export gguf`: base + adapters → one GGUF file, in one streaming pass.
+
+The GGUF header (metadata and every tensor's name, shape, type and size) is known from
+the plan before any weight is read, so it is written first; then each merged tensor
+from the shared stream is permuted (q/k), quantized with ggml's own kernels and
+appended. No merged checkpoint, no F16 temporary, no llama.cpp binary. The file is
+written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from loraforge.errors import LoraforgeError
+from loraforge.export.arch import arch_of, gguf_name, hyperparameters, to_gguf_layout
+from loraforge.export.quant import GGMLType, block_size, quantize, row_bytes
+from loraforge.export.vocab_meta import add_tokenizer
+from loraforge.export.weights import (
+    Planned,
+    check_free_space,
+    merged_config,
+    merged_tensors,
+    plan,
+    read_adapter,
+    tokenizer_source,
+)
+
+# scheme → (tensor type, llama.cpp's general.file_type); mixed K-quant schemes come next
+SCHEMES = {
+    "f32": (GGMLType.F32, 0), "f16": (GGMLType.F16, 1), "bf16": (GGMLType.BF16, 32),
+    "q8_0": (GGMLType.Q8_0, 7), "q4_0": (GGMLType.Q4_0, 2), "q4_1": (GGMLType.Q4_1, 3),
+    "q5_0": (GGMLType.Q5_0, 8), "q5_1": (GGMLType.Q5_1, 9),
+}
+
+
+def tensor_type(item: Planned, scheme: GGMLType) -> GGMLType:
+    """Norms and other 1-D tensors stay F32 (llama.cpp's rule); a row that does not divide into
+    the scheme's blocks falls back to F16, as llama-quantize does."""
+    if len(item.shape) < 2:
+        return GGMLType.F32
+    if item.shape[-1] % block_size(scheme):
+        return GGMLType.F16
+    return scheme
+
+
+def gguf_nbytes(item: Planned, kind: GGMLType) -> int:
+    rows = int(np.prod(item.shape[:-1])) if len(item.shape) > 1 else 1
+    return rows * row_bytes(kind, item.shape[-1])
+
+
+def encode(tensor: torch.Tensor, kind: GGMLType, name: str) -> np.ndarray:
+    if kind == GGMLType.F32:
+        return tensor.numpy().astype(np.float32, copy=False)
+    if kind == GGMLType.F16:
+        return tensor.numpy().astype(np.float16)
+    return quantize(tensor.numpy().reshape(-1, tensor.shape[-1]), kind, name=name)
+
+
+def export_gguf(base_dir: Path, adapter_dirs: list[Path], out_path: Path, quant: str = "f16") -> Path:
+    """Write `out_path` (.gguf) from the base model and the adapters, applied in order."""
+    import gguf
+
+    if quant not in SCHEMES:
+        raise LoraforgeError(f"--quant {quant} is not supported yet; choose one of {', '.join(SCHEMES)}")
+    scheme, file_type = SCHEMES[quant]
+    adapters = [read_adapter(p) for p in adapter_dirs]
+    planned = [p for p in plan(base_dir, adapters) if gguf_name(p.name)]
+    config = merged_config(base_dir, planned)
+    arch = arch_of(config)
+    out_path = Path(out_path)
+    kinds = {p.name: tensor_type(p, scheme) for p in planned}
+    check_free_space(out_path, sum(gguf_nbytes(p, kinds[p.name]) for p in planned))
+
+    tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
+    writer = gguf.GGUFWriter(tmp, arch.gguf_name)
+    try:
+        writer.add_name(Path(adapter_dirs[-1] if adapter_dirs else base_dir).name)
+        writer.add_file_type(file_type)
+        hyperparameters(writer, config)
+        embed_rows = next(p.shape[0] for p in planned if p.name == "model.embed_tokens.weight")
+        add_tokenizer(writer, tokenizer_source(base_dir, adapters), embed_rows)
+        for item in planned:
+            kind = kinds[item.name]
+            writer.add_tensor_info(gguf_name(item.name), item.shape, np.dtype(np.float32), gguf_nbytes(item, kind),
+                                   raw_dtype=gguf.GGMLQuantizationType(int(kind)))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with tqdm(total=len(planned), unit="tensor", desc=f"gguf {quant}") as progress:
+            for item, tensor in merged_tensors(planned, adapters):
+                tensor = to_gguf_layout(item.name, tensor, arch, config)
+                writer.write_tensor_data(encode(tensor, kinds[item.name], item.name))
+                progress.update(1)
+        writer.close()
+        tmp.replace(out_path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out_path
