@@ -17,7 +17,9 @@ from pathlib import Path
 
 from loraforge.config import load_config
 from loraforge.data.dataset import load_reports, resolve_specs
+from loraforge.export.gguf_writer import export_gguf
 from loraforge.infer.hf import exact_matches, load_model, template_of
+from loraforge.infer.llamacpp import greedy_answer_gguf, load_gguf
 from loraforge.tiny import TinyShape, build_spm_tokenizer, build_tiny_model
 from loraforge.train.run import train
 
@@ -75,8 +77,18 @@ def main() -> None:
     for question, expected, got in shown:
         mark = "✓" if got.strip() == expected.strip() else "·"
         print(f"  {mark} 问：{question[:40]}\n      训练答案：{expected[:60]}\n      模型回答：{got[:60]}")
+    gguf_path = export_gguf(base, [run_dir], ROOT / "runs" / "demo-q8_0.gguf", "q8_0")
+    llm = load_gguf(gguf_path)
+    print(f"\nexported {gguf_path.name} ({gguf_path.stat().st_size / 1e6:.1f} MB, Q8_0); llama.cpp answers:")
+    same = 0
+    for question, _expected, got in shown[:3]:
+        answer = greedy_answer_gguf(llm, template_of(run_dir), question)
+        same += answer.strip() == got.strip()
+        print(f"  问：{question[:40]}\n      llama.cpp：{answer[:60]}")
+    print(f"  {same} of 3 word for word what the trained model answered")
     summary = {"pt_base": str(base), "sft_loss_first": round(result.first_loss, 3),
                "sft_loss_last": round(result.last_loss, 3), "exact_answers": f"{len(exact)}/{len(rows)}",
+               "gguf": str(gguf_path), "gguf_same_as_trained": f"{same}/3",
                "seconds": round(time.perf_counter() - start, 1)}
     print("\n" + json.dumps(summary, ensure_ascii=False))
 

@@ -84,3 +84,20 @@ def test_export_command(pretrained_llama, sft_adapter, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert out.read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_exported_model_answers_like_the_trained_one(learned_run, tmp_path, quant):
+    from loraforge.data.dataset import load_reports, resolve_specs
+    from loraforge.infer.hf import exact_matches, load_model, template_of
+    from loraforge.infer.llamacpp import greedy_answer_gguf, load_gguf
+
+    config, result = learned_run
+    out = export_gguf(config.model.path, [result.output_dir], tmp_path / f"{quant}.gguf", quant)
+    records = [r for rep in load_reports(config, resolve_specs(config)) for r in rep.records][:6]
+    model, tokenizer = load_model(result.output_dir)
+    trained = exact_matches(model, tokenizer, template_of(result.output_dir), records)
+    llm = load_gguf(out)
+    exported = [greedy_answer_gguf(llm, template_of(result.output_dir), question) for question, _, _ in trained]
+    assert [got.strip() for _, _, got in trained] == [a.strip() for a in exported]
+    assert llm.metadata["tokenizer.chat_template"].startswith("{#- loraforge chat template 'chinese-alpaca'")

@@ -15,27 +15,9 @@ from loraforge.infer.hf import exact_matches, load_model, template_of
 from loraforge.train.callbacks import read_log
 from loraforge.train.run import train
 
-from conftest import DATA_DIR, sft_config
+from conftest import sft_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def learned_run(pretrained_llama, tmp_path_factory):
-    """LoRA SFT until the tiny model knows its answers.
-
-    The 16 single-turn bundled instructions with the shortest answers (10–16 characters)
-    are what a 64-wide, 2-layer model can learn by heart in about 15 seconds.
-    """
-    records = json.loads((DATA_DIR / "alpaca_zh_demo.json").read_text(encoding="utf-8"))
-    single = sorted((r for r in records if not r.get("history") and not r.get("system")),
-                    key=lambda r: len(r["output"]))
-    data = tmp_path_factory.mktemp("data") / "short_answers.json"
-    data.write_text(json.dumps(single[10:26], ensure_ascii=False), encoding="utf-8")
-    out = tmp_path_factory.mktemp("runs") / "sft"
-    config = sft_config(pretrained_llama, out, f"data.datasets={data}", "train.epochs=120", "train.lr=5e-3",
-                        "lora.r=32", "train.batch_size=8")
-    return config, train(config)
 
 
 def test_sft_halves_the_loss_and_reproduces_trained_answers(learned_run):
