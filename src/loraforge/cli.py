@@ -51,17 +51,25 @@ def cmd_train(args) -> None:
         print(f"run directory: {result.output_dir}  (loss curve: {result.output_dir / 'loss.png'})")
 
 
+def _adapters(args) -> list[Path]:
+    return [Path(a) for a in args.adapter.split(",") if a]
+
+
+def _base_and_adapters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, help="base model dir (safetensors)")
+    parser.add_argument("--adapter", default="", help="adapter dirs in training order: pt first, then sft (A1,A2)")
+
+
 def cmd_merge(args) -> None:
     from loraforge.export.hf import merge_to_hf
 
-    adapters = [Path(a) for a in args.adapter.split(",")] if args.adapter else []
+    adapters = _adapters(args)
     out = merge_to_hf(Path(args.base), adapters, Path(args.output), int(args.max_shard_gb * 1024**3))
     print(f"merged {len(adapters)} adapter(s) into {args.base}: {out}")
 
 
 def _merge_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, help="base model dir (safetensors)")
-    parser.add_argument("--adapter", default="", help="adapter dirs in training order: pt first, then sft (A1,A2)")
+    _base_and_adapters(parser)
     parser.add_argument("-o", "--output", required=True, help="new directory for the merged model")
     parser.add_argument("--format", choices=["hf"], default="hf", help="hf: sharded safetensors + config + tokenizer")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
@@ -70,14 +78,12 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_export_gguf(args) -> None:
     from loraforge.export.gguf_writer import export_gguf
 
-    adapters = [Path(a) for a in args.adapter.split(",")] if args.adapter else []
-    out = export_gguf(Path(args.base), adapters, Path(args.output), args.quant)
+    out = export_gguf(Path(args.base), _adapters(args), Path(args.output), args.quant)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {args.quant})")
 
 
 def _export_gguf_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, help="base model dir (safetensors)")
-    parser.add_argument("--adapter", default="", help="adapter dirs in training order: pt first, then sft (A1,A2)")
+    _base_and_adapters(parser)
     parser.add_argument("--quant", default="f16", help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1")
     parser.add_argument("-o", "--output", required=True, help="the .gguf file to write")
 
