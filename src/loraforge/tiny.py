@@ -32,7 +32,7 @@ class TinyShape:
     rope_theta: float = 10000.0
 
 
-def build_spm_tokenizer(corpus: list[Path], out_dir: Path, vocab_size: int = 1200,
+def build_spm_tokenizer(corpus: list[Path], out_dir: Path, vocab_size: int = 2000,
                         character_coverage: float = 0.98) -> Path:
     """Train a LLaMA-style SentencePiece BPE tokenizer and write it in HF layout.
 
