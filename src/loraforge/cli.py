@@ -61,31 +61,89 @@ def _base_and_adapters(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_merge(args) -> None:
-    from loraforge.export.hf import merge_to_hf
-
     adapters = _adapters(args)
-    out = merge_to_hf(Path(args.base), adapters, Path(args.output), int(args.max_shard_gb * 1024**3))
+    if args.format == "pth":
+        from loraforge.export.pth import merge_to_pth
+
+        out = merge_to_pth(Path(args.base), adapters, Path(args.output))
+    else:
+        from loraforge.export.hf import merge_to_hf
+
+        out = merge_to_hf(Path(args.base), adapters, Path(args.output), int(args.max_shard_gb * 1024**3))
     print(f"merged {len(adapters)} adapter(s) into {args.base}: {out}")
 
 
 def _merge_arguments(parser: argparse.ArgumentParser) -> None:
     _base_and_adapters(parser)
     parser.add_argument("-o", "--output", required=True, help="new directory for the merged model")
-    parser.add_argument("--format", choices=["hf"], default="hf", help="hf: sharded safetensors + config + tokenizer")
-    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
+    parser.add_argument("--format", choices=["hf", "pth"], default="hf",
+                        help="hf: sharded safetensors + config + tokenizer; pth: Meta consolidated.00.pth + params.json")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB (hf)")
 
 
 def cmd_export_gguf(args) -> None:
     from loraforge.export.gguf_writer import export_gguf
 
-    out = export_gguf(Path(args.base), _adapters(args), Path(args.output), args.quant)
+    adapters = _adapters(args)
+    imatrix = Path(args.imatrix) if args.imatrix else None
+    out = export_gguf(Path(args.base), adapters, Path(args.output), args.quant, imatrix=imatrix)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {args.quant})")
+    if args.verify:
+        from loraforge.export.verify import format_parity, verify_export
+
+        report_path = out.with_name(out.stem + ".parity.json")
+        report = verify_export(out, Path(args.base), adapters, report_path)
+        print(format_parity(report))
+        print(f"parity report: {report_path}")
 
 
 def _export_gguf_arguments(parser: argparse.ArgumentParser) -> None:
+    from loraforge.export.schemes import SCHEMES
+
     _base_and_adapters(parser)
-    parser.add_argument("--quant", default="f16", help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1")
+    parser.add_argument("--quant", default="f16", help=f"one of: {', '.join(SCHEMES)}")
+    parser.add_argument("--imatrix", default="", help="llama.cpp importance matrix (imatrix.gguf or legacy .dat)")
+    parser.add_argument("--verify", action="store_true",
+                        help="compare tokens and logits with transformers + peft; writes <output>.parity.json")
     parser.add_argument("-o", "--output", required=True, help="the .gguf file to write")
+
+
+def cmd_export_lora_gguf(args) -> None:
+    from loraforge.export.lora_gguf import export_lora_gguf
+
+    out = export_lora_gguf(Path(args.adapter), Path(args.output), Path(args.base) if args.base else None)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, llama.cpp LoRA adapter)")
+
+
+def _export_lora_gguf_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", required=True, help="a peft LoRA adapter dir")
+    parser.add_argument("--base", default="", help="its base model dir (default: the adapter's base_model_name_or_path)")
+    parser.add_argument("-o", "--output", required=True, help="the adapter .gguf file to write")
+
+
+def cmd_export_ollama(args) -> None:
+    from loraforge.export.ollama import write_modelfile
+
+    out = write_modelfile(Path(args.gguf), Path(args.output) if args.output else None,
+                          system=args.system, template=args.template or None)
+    print(f"wrote {out}; next: ollama create NAME -f {out}")
+
+
+def _export_ollama_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("gguf", help="the exported .gguf model")
+    parser.add_argument("-o", "--output", default="", help="Modelfile path (default: Modelfile next to the GGUF)")
+    parser.add_argument("--system", default=None, help="SYSTEM prompt (default: the template's own, if any)")
+    parser.add_argument("--template", default="", help="chat template name (default: read from the GGUF)")
+
+
+def cmd_gguf_inspect(args) -> None:
+    from loraforge.export.inspect import describe_gguf
+
+    print(describe_gguf(Path(args.file)))
+
+
+def _gguf_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="a .gguf file")
 
 
 def _config_command(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +160,12 @@ COMMANDS: list[tuple[tuple[str, ...], Callable, str, Callable | None]] = [
      "formats, counts, one rendered example with learned spans, token lengths", _config_command),
     (("train",), cmd_train, "LoRA / full / prompt-method training (stage pt or sft)", _config_command),
     (("export", "gguf"), cmd_export_gguf, "base + adapters → one GGUF file in one streaming pass", _export_gguf_arguments),
+    (("export", "lora-gguf"), cmd_export_lora_gguf, "a peft LoRA adapter → llama.cpp's GGUF adapter format",
+     _export_lora_gguf_arguments),
+    (("export", "ollama"), cmd_export_ollama, "an Ollama Modelfile next to an exported GGUF", _export_ollama_arguments),
     (("merge",), cmd_merge, "merge LoRA adapters into the base, streamed tensor by tensor", _merge_arguments),
+    (("gguf", "inspect"), cmd_gguf_inspect, "metadata, tensor count by type, size and bits per weight of a GGUF",
+     _gguf_inspect_arguments),
 ]
 
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from loraforge.errors import LoraforgeError
 from loraforge.export.arch import arch_of, gguf_name, hyperparameters, to_gguf_layout
 from loraforge.export.quant import GGMLType, block_size, quantize, row_bytes
+from loraforge.export.schemes import SCHEMES
 from loraforge.export.vocab_meta import add_tokenizer
 from loraforge.export.weights import (
     Planned,
@@ -29,14 +30,6 @@ from loraforge.export.weights import (
     read_adapter,
     tokenizer_source,
 )
-
-# scheme → (tensor type, llama.cpp's general.file_type); mixed K-quant schemes come next
-SCHEMES = {
-    "f32": (GGMLType.F32, 0), "f16": (GGMLType.F16, 1), "bf16": (GGMLType.BF16, 32),
-    "q8_0": (GGMLType.Q8_0, 7), "q4_0": (GGMLType.Q4_0, 2), "q4_1": (GGMLType.Q4_1, 3),
-    "q5_0": (GGMLType.Q5_0, 8), "q5_1": (GGMLType.Q5_1, 9),
-}
-
 
 def tensor_type(item: Planned, scheme: GGMLType) -> GGMLType:
     """Norms and other 1-D tensors stay F32 (llama.cpp's rule); a row that does not divide into
@@ -61,7 +54,8 @@ def encode(tensor: torch.Tensor, kind: GGMLType, name: str) -> np.ndarray:
     return quantize(tensor.numpy().reshape(-1, tensor.shape[-1]), kind, name=name)
 
 
-def export_gguf(base_dir: Path, adapter_dirs: list[Path], out_path: Path, quant: str = "f16") -> Path:
+def export_gguf(base_dir: Path, adapter_dirs: list[Path], out_path: Path, quant: str = "f16",
+                imatrix: Path | None = None) -> Path:
     """Write `out_path` (.gguf) from the base model and the adapters, applied in order."""
     import gguf
 
