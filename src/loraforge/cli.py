@@ -89,7 +89,7 @@ def cmd_export_gguf(args) -> None:
     out = export_gguf(Path(args.base), adapters, Path(args.output), args.quant, imatrix=imatrix)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {args.quant})")
     if args.verify:
-        from loraforge.export.verify import format_parity, verify_export
+        from loraforge.eval.parity import format_parity, verify_export
 
         report_path = out.with_name(out.stem + ".parity.json")
         report = verify_export(out, Path(args.base), adapters, report_path)

@@ -72,7 +72,7 @@ def test_qwen2_biases_and_tied_embeddings(request, tmp_path, fixture):
 
 
 def test_unsupported_quant_and_architecture_are_refused(tiny_llama, tmp_path):
-    with pytest.raises(LoraforgeError, match="--quant q9_z is not supported yet; choose one of f32, f16"):
+    with pytest.raises(LoraforgeError, match="--quant q9_z is not a llama.cpp quantization; choose one of f32, f16"):
         export_gguf(tiny_llama, [], tmp_path / "x.gguf", "q9_z")
     assert not (tmp_path / "x.gguf").exists()
 

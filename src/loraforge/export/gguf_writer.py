@@ -18,8 +18,16 @@ from tqdm import tqdm
 
 from loraforge.errors import LoraforgeError
 from loraforge.export.arch import arch_of, gguf_name, hyperparameters, to_gguf_layout
-from loraforge.export.quant import GGMLType, block_size, quantize, row_bytes
-from loraforge.export.schemes import SCHEMES
+from loraforge.export.imatrix import importance_for, load_imatrix
+from loraforge.export.quant import GGMLType, quantize, row_bytes
+from loraforge.export.schemes import (
+    FLOAT_TYPES,
+    ModelFacts,
+    Scheme,
+    needs_imatrix,
+    scheme_of,
+    tensor_type,
+)
 from loraforge.export.vocab_meta import add_tokenizer
 from loraforge.export.weights import (
     Planned,
@@ -31,27 +39,40 @@ from loraforge.export.weights import (
     tokenizer_source,
 )
 
-def tensor_type(item: Planned, scheme: GGMLType) -> GGMLType:
-    """Norms and other 1-D tensors stay F32 (llama.cpp's rule); a row that does not divide into
-    the scheme's blocks falls back to F16, as llama-quantize does."""
-    if len(item.shape) < 2:
-        return GGMLType.F32
-    if item.shape[-1] % block_size(scheme):
-        return GGMLType.F16
-    return scheme
-
 
 def gguf_nbytes(item: Planned, kind: GGMLType) -> int:
     rows = int(np.prod(item.shape[:-1])) if len(item.shape) > 1 else 1
     return rows * row_bytes(kind, item.shape[-1])
 
 
-def encode(tensor: torch.Tensor, kind: GGMLType, name: str) -> np.ndarray:
+def encode(tensor: torch.Tensor, kind: GGMLType, name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
     if kind == GGMLType.F32:
         return tensor.numpy().astype(np.float32, copy=False)
     if kind == GGMLType.F16:
         return tensor.numpy().astype(np.float16)
-    return quantize(tensor.numpy().reshape(-1, tensor.shape[-1]), kind, name=name)
+    return quantize(tensor.numpy().reshape(-1, tensor.shape[-1]), kind, imatrix=imatrix, name=name)
+
+
+def importance_of(planned: list[Planned], names: dict[str, str], kinds: dict[str, GGMLType], scheme: Scheme,
+                  imatrix: Path | None) -> dict[str, np.ndarray]:
+    """Each quantized tensor's importance vector, all checked before anything is written:
+    llama.cpp refuses the very-low-bit types without one, and a wrong-sized one means another model."""
+    table = load_imatrix(imatrix) if imatrix else {}
+    found = {}
+    for item in planned:
+        name, kind = names[item.name], kinds[item.name]
+        if kind in FLOAT_TYPES:
+            continue
+        values = importance_for(table, name, item.shape[-1], imatrix)
+        if values is not None:
+            found[name] = values
+        elif needs_imatrix(name, kind, scheme):
+            where = f"{imatrix} has no entry for it" if imatrix else "no --imatrix was given"
+            raise LoraforgeError(
+                f"--quant {scheme.name} writes {name} as {kind.name}, which needs an importance matrix, and "
+                f"{where}: compute one with llama.cpp's `llama-imatrix -m model-f16.gguf -f calibration.txt` "
+                "and pass --imatrix FILE, or choose a scheme that works without one (q4_k_m, iq4_xs, q3_k_m …)")
+    return found
 
 
 def export_gguf(base_dir: Path, adapter_dirs: list[Path], out_path: Path, quant: str = "f16",
@@ -59,28 +80,30 @@ def export_gguf(base_dir: Path, adapter_dirs: list[Path], out_path: Path, quant:
     """Write `out_path` (.gguf) from the base model and the adapters, applied in order."""
     import gguf
 
-    if quant not in SCHEMES:
-        raise LoraforgeError(f"--quant {quant} is not supported yet; choose one of {', '.join(SCHEMES)}")
-    scheme, file_type = SCHEMES[quant]
+    scheme = scheme_of(quant)
     adapters = [read_adapter(p) for p in adapter_dirs]
     planned = [p for p in plan(base_dir, adapters) if gguf_name(p.name)]
     config = merged_config(base_dir, planned)
     arch = arch_of(config)
     out_path = Path(out_path)
-    kinds = {p.name: tensor_type(p, scheme) for p in planned}
+    names = {p.name: gguf_name(p.name) for p in planned}
+    facts = ModelFacts.of(config, arch.gguf_name, set(names.values()), has_imatrix=imatrix is not None)
+    kinds = {p.name: tensor_type(names[p.name], p.shape, scheme, facts) for p in planned}
+    importance = importance_of(planned, names, kinds, scheme, imatrix)
     check_free_space(out_path, sum(gguf_nbytes(p, kinds[p.name]) for p in planned))
 
     tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, arch.gguf_name)
     try:
         writer.add_name(Path(adapter_dirs[-1] if adapter_dirs else base_dir).name)
-        writer.add_file_type(file_type)
+        writer.add_file_type(scheme.file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         hyperparameters(writer, config)
         embed_rows = next(p.shape[0] for p in planned if p.name == "model.embed_tokens.weight")
         add_tokenizer(writer, tokenizer_source(base_dir, adapters), embed_rows)
         for item in planned:
             kind = kinds[item.name]
-            writer.add_tensor_info(gguf_name(item.name), item.shape, np.dtype(np.float32), gguf_nbytes(item, kind),
+            writer.add_tensor_info(names[item.name], item.shape, np.dtype(np.float32), gguf_nbytes(item, kind),
                                    raw_dtype=gguf.GGMLQuantizationType(int(kind)))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -88,7 +111,8 @@ def export_gguf(base_dir: Path, adapter_dirs: list[Path], out_path: Path, quant:
         with tqdm(total=len(planned), unit="tensor", desc=f"gguf {quant}") as progress:
             for item, tensor in merged_tensors(planned, adapters):
                 tensor = to_gguf_layout(item.name, tensor, arch, config)
-                writer.write_tensor_data(encode(tensor, kinds[item.name], item.name))
+                kind, name = kinds[item.name], names[item.name]
+                writer.write_tensor_data(encode(tensor, kind, name, importance.get(name)))
                 progress.update(1)
         writer.close()
         tmp.replace(out_path)
