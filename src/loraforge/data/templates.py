@@ -253,6 +253,20 @@ def jinja_template(t: Template) -> str:
     return "\n".join(lines)
 
 
+def template_name_in(chat_template: str | None) -> str | None:
+    """The loraforge template a Jinja chat template was written from (its first-line
+    comment, as `jinja_template` writes it), or None for any other template."""
+    match = re.match(r"\{#-? loraforge chat template '([^']+)'", chat_template or "")
+    return match.group(1) if match else None
+
+
+def format_parts(fmt: str) -> list[tuple[str, str]]:
+    """A format string cut into ("text", literal) and ("placeholder", name) parts, in
+    order — for writing a template in another language (export/ollama.py's Go template)."""
+    pieces = _PLACEHOLDER.split(fmt)  # literal, name, literal, name, …, literal
+    return [("placeholder" if i % 2 else "text", piece) for i, piece in enumerate(pieces) if piece]
+
+
 def _check_turns(turns: Sequence[Turn], source: str) -> None:
     """Turns must alternate user → assistant, starting with the user."""
     where = f"{source}: " if source else ""

@@ -9,6 +9,7 @@ written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -108,12 +109,13 @@ def export_gguf(base_dir: Path, adapter_dirs: list[Path], out_path: Path, quant:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with tqdm(total=len(planned), unit="tensor", desc=f"gguf {quant}") as progress:
+        with tqdm(total=sum(math.prod(p.shape) for p in planned), unit="w", unit_scale=True,
+                  desc=f"gguf {scheme.name}") as progress:
             for item, tensor in merged_tensors(planned, adapters):
                 tensor = to_gguf_layout(item.name, tensor, arch, config)
                 kind, name = kinds[item.name], names[item.name]
                 writer.write_tensor_data(encode(tensor, kind, name, importance.get(name)))
-                progress.update(1)
+                progress.update(tensor.numel())
         writer.close()
         tmp.replace(out_path)
     except BaseException:
