@@ -18,6 +18,8 @@ from pathlib import Path
 from loraforge.config import load_config
 from loraforge.data.dataset import load_reports, resolve_specs
 from loraforge.export.gguf_writer import export_gguf
+from loraforge.export.inspect import describe_gguf
+from loraforge.export.ollama import write_modelfile
 from loraforge.infer.hf import exact_matches, load_model, template_of
 from loraforge.infer.llamacpp import greedy_answer_gguf, load_gguf
 from loraforge.tiny import TinyShape, build_spm_tokenizer, build_tiny_model
@@ -86,9 +88,18 @@ def main() -> None:
         same += answer.strip() == got.strip()
         print(f"  问：{question[:40]}\n      llama.cpp：{answer[:60]}")
     print(f"  {same} of 3 word for word what the trained model answered")
+    q4_path = export_gguf(base, [run_dir], ROOT / "runs" / "demo-q4_k_m.gguf", "q4_k_m")
+    q4 = load_gguf(q4_path)
+    same_q4 = sum(greedy_answer_gguf(q4, template_of(run_dir), question).strip() == got.strip()
+                  for question, _expected, got in shown[:3])
+    facts = [line for line in describe_gguf(q4_path).splitlines() if line.startswith(("tensors", "bits per weight"))]
+    print(f"\nQ4_K_M: {q4_path.name} ({q4_path.stat().st_size / 1e6:.1f} MB; {'; '.join(' '.join(f.split()) for f in facts)}); "
+          f"{same_q4} of 3 answers word for word those of the trained model")
+    modelfile = write_modelfile(gguf_path)
+    print(f"Ollama: {modelfile}  →  ollama create demo -f {modelfile}")
     summary = {"pt_base": str(base), "sft_loss_first": round(result.first_loss, 3),
                "sft_loss_last": round(result.last_loss, 3), "exact_answers": f"{len(exact)}/{len(rows)}",
-               "gguf": str(gguf_path), "gguf_same_as_trained": f"{same}/3",
+               "gguf": str(gguf_path), "gguf_same_as_trained": f"{same}/3", "q4_k_m_same_as_trained": f"{same_q4}/3",
                "seconds": round(time.perf_counter() - start, 1)}
     print("\n" + json.dumps(summary, ensure_ascii=False))
 

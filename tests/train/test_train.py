@@ -79,6 +79,22 @@ def test_resume_continues_the_same_loss_curve(pretrained_llama, tmp_path):
     assert abs(tail[8] - whole[4]) > 0.05  # it really trained on, not restarted or stood still
 
 
+def test_same_config_and_seed_give_the_same_adapter(pretrained_llama, tmp_path):
+    """The adapter's random init follows train.seed, whatever ran earlier in the process."""
+    import torch
+
+    common = ("data.max_samples=8", "train.max_steps=2", "train.batch_size=4", "train.save_steps=100")
+    adapters = []
+    for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
+        torch.rand(7)  # unrelated random draws before training must not matter
+        result = train(sft_config(pretrained_llama, tmp_path / name, *common, f"train.seed={seed}"))
+        with safe_open(str(result.output_dir / "adapter_model.safetensors"), framework="pt") as f:
+            adapters.append({k: f.get_tensor(k) for k in f.keys()})
+    same, other = adapters[1], adapters[2]
+    assert all(torch.equal(adapters[0][k], same[k]) for k in same)
+    assert not all(torch.equal(adapters[0][k], other[k]) for k in other)
+
+
 @pytest.mark.parametrize("method, extra, adapter_key", [
     ("lora", ("lora.use_dora=true",), "lora_magnitude_vector"),
     ("lora", ("lora.use_rslora=true",), "lora_A"),

@@ -200,6 +200,11 @@ def train(config: Config) -> RunResult:
     if main_process:
         print(stats.describe(examples, config), flush=True)
 
+    # LoRA/prompt weights are initialised before the Trainer seeds anything: seed here, or
+    # two runs of the same config start from different adapters
+    from transformers import set_seed
+
+    set_seed(config.train.seed)
     model = load_base_model(config)
     check_vocab_fits(model, tokenizer, config)
     model = apply_method(model, config, optimizer_steps(config, len(train_set)))
