@@ -1,0 +1,191 @@
+"""`loraforge merge --format pth`: the merged model as Meta's original LLaMA checkpoint.
+
+`consolidated.00.pth` + `params.json` (+ `tokenizer.model`), the layout of Meta's
+release and of the Chinese-LLaMA-Alpaca merge scripts' `--output_type pth`. Names are
+Meta's (`layers.N.attention.wq.weight`, `feed_forward.w1/w2/w3`, …) and q/k rows go back
+from the rotate-half order of HF checkpoints to Meta's interleaved order, per key/value
+head for wk under grouped-query attention.
+
+`torch.save` needs the whole state dict in memory, so the checkpoint is written here as
+the zip archive `torch.load` reads: a pickle that refers to each tensor's storage by key,
+then one stored (uncompressed) record per tensor, 64-byte aligned so `torch.load(...,
+mmap=True)` works. Each tensor is merged, converted and written before the next is read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import struct
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from loraforge.errors import LoraforgeError
+from loraforge.export.arch import arch_of, permute_qk, rope_theta
+from loraforge.export.weights import (
+    check_free_space,
+    merged_config,
+    merged_tensors,
+    nbytes,
+    plan,
+    read_adapter,
+    tokenizer_source,
+)
+
+_GLOBAL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+           "lm_head.weight": "output.weight"}
+_LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+          "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+          "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+          "post_attention_layernorm": "ffn_norm"}
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
+_STORAGE = {torch.float32: "FloatStorage", torch.float16: "HalfStorage", torch.bfloat16: "BFloat16Storage"}
+ALIGN = 64  # torch's record alignment; mmap loading relies on it
+
+
+def meta_name(hf_name: str) -> str | None:
+    if hf_name in _GLOBAL:
+        return _GLOBAL[hf_name]
+    match = _LAYER_NAME.match(hf_name)
+    if match and match[2] in _LAYER:
+        return f"layers.{match[1]}.{_LAYER[match[2]]}.weight"
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return None
+    raise LoraforgeError(f"tensor {hf_name} has no place in Meta's LLaMA checkpoint — merge with --format hf")
+
+
+def ffn_params(dim: int, intermediate: int) -> dict:
+    """multiple_of (and ffn_dim_multiplier if needed) for which Meta's formula gives `intermediate`."""
+    base = int(2 * 4 * dim / 3)
+
+    def meta_hidden(multiple_of: int, multiplier: float | None) -> int:
+        hidden = int(multiplier * base) if multiplier else base
+        return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+    for multiple_of in (256, 128, 64, 32):
+        if meta_hidden(multiple_of, None) == intermediate:
+            return {"multiple_of": multiple_of}
+    multiple_of = next(m for m in (256, 128, 64, 32, 16, 8, 4, 2, 1) if intermediate % m == 0)
+    # aim inside (intermediate - multiple_of, intermediate], which rounds up to intermediate
+    multiplier = (intermediate - multiple_of / 2) / base if multiple_of > 1 else (intermediate + 0.5) / base
+    assert meta_hidden(multiple_of, multiplier) == intermediate
+    return {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}
+
+
+def meta_params(config: dict) -> dict:
+    heads = config["num_attention_heads"]
+    params = {"dim": config["hidden_size"], "n_layers": config["num_hidden_layers"], "n_heads": heads,
+              "n_kv_heads": config.get("num_key_value_heads") or heads,
+              **ffn_params(config["hidden_size"], config["intermediate_size"]),
+              "norm_eps": config.get("rms_norm_eps", 1e-6), "rope_theta": rope_theta(config),
+              "max_seq_len": config.get("max_position_embeddings", 2048), "vocab_size": config["vocab_size"]}
+    if params["n_kv_heads"] == heads:
+        del params["n_kv_heads"]  # LLaMA-1/2-7B's params.json has none
+    return params
+
+
+class _Storage:
+    def __init__(self, key: str, dtype: torch.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _Tensor:
+    """Pickles as torch's own tensor record: _rebuild_tensor_v2 over a persistent storage."""
+
+    def __init__(self, storage: _Storage, shape: list[int]):
+        self.storage, self.shape = storage, tuple(shape)
+
+    def __reduce__(self):
+        stride = tuple(math.prod(self.shape[i + 1:]) for i in range(len(self.shape)))
+        return torch._utils._rebuild_tensor_v2, (self.storage, 0, self.shape, stride, False, OrderedDict())
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            return ("storage", getattr(torch, _STORAGE[obj.dtype]), obj.key, "cpu", obj.numel)
+        return None
+
+
+def _state_pickle(entries: dict[str, _Tensor]) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=2).dump(OrderedDict(entries))
+    return buffer.getvalue()
+
+
+def _aligned(archive: zipfile.ZipFile, name: str, size: int) -> zipfile.ZipInfo:
+    """A stored entry whose data starts on a 64-byte boundary (padding in the extra field)."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type, info.file_size = zipfile.ZIP_STORED, size
+    zip64 = size * 1.05 > zipfile.ZIP64_LIMIT
+    start = archive.fp.tell() + 30 + len(name.encode()) + (20 if zip64 else 0) + 4
+    pad = -start % ALIGN
+    info.extra = struct.pack("<HH", 0x4C46, pad) + b"\0" * pad  # "LF": padding only
+    return info
+
+
+def _write_record(archive: zipfile.ZipFile, name: str, data: bytes | memoryview) -> None:
+    with archive.open(_aligned(archive, name, len(data)), "w") as record:
+        record.write(data)
+
+
+def merge_to_pth(base_dir: Path, adapter_dirs: list[Path], out_dir: Path) -> Path:
+    """Write `out_dir/consolidated.00.pth` and `params.json` from the base and adapters."""
+    adapters = [read_adapter(p) for p in adapter_dirs]
+    planned = plan(base_dir, adapters)
+    config = merged_config(base_dir, planned)
+    if arch_of(config).gguf_name != "llama" or any(p.name.endswith(".bias") for p in planned):
+        raise LoraforgeError(f"{base_dir} is a {config.get('model_type')} model; Meta's .pth layout exists only for "
+                             "LLaMA-style models — use `merge --format hf`")
+    names = {p.name: meta_name(p.name) for p in planned}
+    planned = [p for p in planned if names[p.name]]
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise LoraforgeError(f"{out_dir} already exists; choose a new -o or remove it")
+    check_free_space(out_dir, sum(nbytes(p) for p in planned))
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+
+    storages = {p.name: _Storage(str(i), p.dtype, math.prod(p.shape)) for i, p in enumerate(planned)}
+    entries = {names[p.name]: _Tensor(storages[p.name], p.shape) for p in planned}
+    if "lm_head.weight" not in names:  # tied embeddings: output shares the embedding's storage
+        embed = next(p for p in planned if p.name == "model.embed_tokens.weight")
+        entries["output.weight"] = _Tensor(storages[embed.name], embed.shape)
+
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        prefix = "consolidated.00/"
+        with zipfile.ZipFile(tmp / "consolidated.00.pth", "w", zipfile.ZIP_STORED) as archive:
+            _write_record(archive, prefix + "data.pkl", _state_pickle(entries))
+            _write_record(archive, prefix + "byteorder", b"little")
+            with tqdm(total=sum(nbytes(p) for p in planned), unit="B", unit_scale=True, desc="pth") as progress:
+                for item, tensor in merged_tensors(planned, adapters):
+                    if item.name.endswith("self_attn.q_proj.weight"):
+                        tensor = permute_qk(tensor, heads)
+                    elif item.name.endswith("self_attn.k_proj.weight"):
+                        tensor = permute_qk(tensor, kv_heads)
+                    data = tensor.to(item.dtype).contiguous().view(torch.uint8).numpy()
+                    _write_record(archive, prefix + "data/" + storages[item.name].key, memoryview(data))
+                    progress.update(data.nbytes)
+            _write_record(archive, prefix + "version", b"3\n")
+        (tmp / "params.json").write_text(json.dumps(meta_params(config), indent=2) + "\n")
+        source = tokenizer_source(base_dir, adapters) / "tokenizer.model"
+        if source.exists():
+            shutil.copy(source, tmp / "tokenizer.model")
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
