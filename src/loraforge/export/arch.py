@@ -47,6 +47,9 @@ def arch_of(config: dict) -> Arch:
     for name in names:
         if name in ARCHES:
             return ARCHES[name]
+    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    if not names and config.get("model_type") in by_type:  # a config written without `architectures`
+        return ARCHES[by_type[config["model_type"]]]
     raise LoraforgeError(f"architecture {', '.join(names) or config.get('model_type')} is not supported for GGUF "
                          f"export; supported: {', '.join(sorted(ARCHES))} (LLaMA 1/2/3, Chinese-LLaMA, Mistral, Qwen2)")
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from loraforge.errors import LoraforgeError
 from loraforge.export.arch import arch_of, gguf_name, hyperparameters, to_gguf_layout
 from loraforge.export.imatrix import importance_for, load_imatrix
+from loraforge.export.pipeline import Behind, ahead
 from loraforge.export.quant import GGMLType, quantize, row_bytes
 from loraforge.export.schemes import (
     FLOAT_TYPES,
@@ -111,11 +112,15 @@ def export_gguf(base_dir: Path, adapter_dirs: list[Path], out_path: Path, quant:
         writer.write_ti_data_to_file()
         with tqdm(total=sum(math.prod(p.shape) for p in planned), unit="w", unit_scale=True,
                   desc=f"gguf {scheme.name}") as progress:
-            for item, tensor in merged_tensors(planned, adapters):
-                tensor = to_gguf_layout(item.name, tensor, arch, config)
-                kind, name = kinds[item.name], names[item.name]
-                writer.write_tensor_data(encode(tensor, kind, name, importance.get(name)))
-                progress.update(tensor.numel())
+            write = Behind(writer.write_tensor_data)
+            try:
+                stream = ((item, to_gguf_layout(item.name, t, arch, config)) for item, t in merged_tensors(planned, adapters))
+                for item, tensor in ahead(stream):
+                    name = names[item.name]
+                    write(encode(tensor, kinds[item.name], name, importance.get(name)))
+                    progress.update(tensor.numel())
+            finally:
+                write.close()
         writer.close()
         tmp.replace(out_path)
     except BaseException:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from loraforge.errors import LoraforgeError
 from loraforge.export.arch import arch_of, permute_qk, rope_theta
 from loraforge.export.weights import (
+    Planned,
     check_free_space,
     merged_config,
     merged_tensors,
@@ -48,7 +49,8 @@ _LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk"
           "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
           "post_attention_layernorm": "ffn_norm"}
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
-_STORAGE = {torch.float32: "FloatStorage", torch.float16: "HalfStorage", torch.bfloat16: "BFloat16Storage"}
+_STORAGE = {torch.float32: "FloatStorage", torch.float16: "HalfStorage", torch.bfloat16: "BFloat16Storage",
+            torch.float64: "DoubleStorage"}
 ALIGN = 64  # torch's record alignment; mmap loading relies on it
 
 
@@ -64,7 +66,17 @@ def meta_name(hf_name: str) -> str | None:
 
 
 def ffn_params(dim: int, intermediate: int) -> dict:
-    """multiple_of (and ffn_dim_multiplier if needed) for which Meta's formula gives `intermediate`."""
+    """multiple_of (and ffn_dim_multiplier if needed) for which Meta's formula gives `intermediate`.
+
+    Meta's code does not store the feed-forward width: it derives it from `dim` as
+    int(2·4·dim/3), times `ffn_dim_multiplier` if given, rounded up to a multiple of
+    `multiple_of`. LLaMA-1/2 widths (11008 for 4096, 13824 for 5120) come out with
+    multiple_of=256 alone, which is what Meta's own params.json say, so that is tried
+    first. Other widths (LLaMA-2-70B, LLaMA-3, Mistral, a custom width) need a multiplier:
+    the one with the fewest decimals, with the largest power-of-two multiple_of up to 4096
+    that divides the width — 1.3 and 4096 for LLaMA-2-70B, Meta's own values. Every
+    answer is checked against the formula, so any reader that follows it gets the width back.
+    """
     base = int(2 * 4 * dim / 3)
 
     def meta_hidden(multiple_of: int, multiplier: float | None) -> int:
@@ -74,11 +86,36 @@ def ffn_params(dim: int, intermediate: int) -> dict:
     for multiple_of in (256, 128, 64, 32):
         if meta_hidden(multiple_of, None) == intermediate:
             return {"multiple_of": multiple_of}
-    multiple_of = next(m for m in (256, 128, 64, 32, 16, 8, 4, 2, 1) if intermediate % m == 0)
-    # aim inside (intermediate - multiple_of, intermediate], which rounds up to intermediate
-    multiplier = (intermediate - multiple_of / 2) / base if multiple_of > 1 else (intermediate + 0.5) / base
-    assert meta_hidden(multiple_of, multiplier) == intermediate
-    return {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}
+    divisors = [2**k for k in range(12, -1, -1) if intermediate % 2**k == 0]
+    for decimals in range(1, 13):
+        scale = 10**decimals
+        # int(multiplier·base) must land in (intermediate - multiple_of, intermediate]: the
+        # largest d-decimal multiplier below (intermediate + 1)/base, or the one under it
+        top = math.floor((intermediate + 1) / base * scale)
+        for multiple_of in divisors:
+            for multiplier in (top / scale, (top - 1) / scale):
+                if multiplier > 0 and meta_hidden(multiple_of, multiplier) == intermediate:
+                    return {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}
+    raise LoraforgeError(f"no multiple_of/ffn_dim_multiplier reproduces intermediate_size {intermediate} for dim {dim} "
+                         "by Meta's formula — use `merge --format hf`")
+
+
+def check_llama(base_dir: Path, config: dict, planned: list[Planned]) -> None:
+    """Meta's format has no biases, no head_dim of its own and only LLaMA's block: refuse anything else."""
+    try:
+        llama = arch_of(config).gguf_name == "llama"
+    except LoraforgeError:
+        llama = False
+    bias = next((p.name for p in planned if p.name.endswith(".bias")), None)
+    if not llama or bias:
+        kind = config.get("model_type") or ", ".join(config.get("architectures") or ["unknown"])
+        why = f" (it has {bias})" if bias and llama else ""
+        raise LoraforgeError(f"{base_dir} is a {kind} model{why}; Meta's .pth layout exists only for LLaMA-style "
+                             "models — use `merge --format hf` (nothing was written)")
+    head_dim = config.get("head_dim")
+    if head_dim and head_dim != config["hidden_size"] // config["num_attention_heads"]:
+        raise LoraforgeError(f"{base_dir}/config.json: head_dim {head_dim} ≠ hidden_size/num_attention_heads, which "
+                             "Meta's params.json cannot express — use `merge --format hf` (nothing was written)")
 
 
 def meta_params(config: dict) -> dict:
@@ -122,35 +159,38 @@ def _state_pickle(entries: dict[str, _Tensor]) -> bytes:
     return buffer.getvalue()
 
 
-def _aligned(archive: zipfile.ZipFile, name: str, size: int) -> zipfile.ZipInfo:
-    """A stored entry whose data starts on a 64-byte boundary (padding in the extra field)."""
+def _write_record(archive: zipfile.ZipFile, name: str, data: bytes | memoryview) -> None:
+    """A stored entry whose data starts on a 64-byte boundary (padding in the extra field).
+
+    The local header is 30 bytes + the name + our extra field (+ 20 bytes of zip64 sizes
+    for a record of 2 GiB or more, which we decide ourselves so the padding is known).
+    """
+    size = memoryview(data).nbytes
+    zip64 = size >= zipfile.ZIP64_LIMIT // 2
     info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
     info.compress_type, info.file_size = zipfile.ZIP_STORED, size
-    zip64 = size * 1.05 > zipfile.ZIP64_LIMIT
-    start = archive.fp.tell() + 30 + len(name.encode()) + (20 if zip64 else 0) + 4
+    start = archive.fp.tell() + 30 + len(name.encode()) + 4 + (20 if zip64 else 0)
     pad = -start % ALIGN
-    info.extra = struct.pack("<HH", 0x4C46, pad) + b"\0" * pad  # "LF": padding only
-    return info
-
-
-def _write_record(archive: zipfile.ZipFile, name: str, data: bytes | memoryview) -> None:
-    with archive.open(_aligned(archive, name, len(data)), "w") as record:
+    info.extra = struct.pack("<HH", 0x4C46, pad) + b"\0" * pad  # an unregistered id: padding, ignored by readers
+    with archive.open(info, "w", force_zip64=zip64) as record:
+        if archive.fp.tell() % ALIGN:
+            raise LoraforgeError(f"{archive.filename}: record {name} does not start on a {ALIGN}-byte boundary, so "
+                                 "torch.load(mmap=True) would fail — Python's zipfile header layout changed; "
+                                 "please report this with your Python version")
         record.write(data)
 
 
 def merge_to_pth(base_dir: Path, adapter_dirs: list[Path], out_dir: Path) -> Path:
     """Write `out_dir/consolidated.00.pth` and `params.json` from the base and adapters."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise LoraforgeError(f"{out_dir} already exists and is not empty: choose a new -o (nothing was written)")
     adapters = [read_adapter(p) for p in adapter_dirs]
     planned = plan(base_dir, adapters)
     config = merged_config(base_dir, planned)
-    if arch_of(config).gguf_name != "llama" or any(p.name.endswith(".bias") for p in planned):
-        raise LoraforgeError(f"{base_dir} is a {config.get('model_type')} model; Meta's .pth layout exists only for "
-                             "LLaMA-style models — use `merge --format hf`")
+    check_llama(base_dir, config, planned)
     names = {p.name: meta_name(p.name) for p in planned}
     planned = [p for p in planned if names[p.name]]
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise LoraforgeError(f"{out_dir} already exists; choose a new -o or remove it")
     check_free_space(out_dir, sum(nbytes(p) for p in planned))
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
@@ -169,20 +209,24 @@ def merge_to_pth(base_dir: Path, adapter_dirs: list[Path], out_dir: Path) -> Pat
         with zipfile.ZipFile(tmp / "consolidated.00.pth", "w", zipfile.ZIP_STORED) as archive:
             _write_record(archive, prefix + "data.pkl", _state_pickle(entries))
             _write_record(archive, prefix + "byteorder", b"little")
-            with tqdm(total=sum(nbytes(p) for p in planned), unit="B", unit_scale=True, desc="pth") as progress:
+            with tqdm(total=sum(nbytes(p) for p in planned), unit="B", unit_scale=True, desc="merging → pth") as progress:
                 for item, tensor in merged_tensors(planned, adapters):
                     if item.name.endswith("self_attn.q_proj.weight"):
                         tensor = permute_qk(tensor, heads)
                     elif item.name.endswith("self_attn.k_proj.weight"):
                         tensor = permute_qk(tensor, kv_heads)
-                    data = tensor.to(item.dtype).contiguous().view(torch.uint8).numpy()
+                    data = tensor.to(item.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()  # numpy has no bf16
                     _write_record(archive, prefix + "data/" + storages[item.name].key, memoryview(data))
                     progress.update(data.nbytes)
+            # no `.format_version`: with it, torch may compute record offsets assuming miniz's own
+            # layout (data descriptors) instead of reading each local header
             _write_record(archive, prefix + "version", b"3\n")
         (tmp / "params.json").write_text(json.dumps(meta_params(config), indent=2) + "\n")
         source = tokenizer_source(base_dir, adapters) / "tokenizer.model"
         if source.exists():
             shutil.copy(source, tmp / "tokenizer.model")
+        if out_dir.exists():
+            out_dir.rmdir()
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

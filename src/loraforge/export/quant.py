@@ -197,8 +197,9 @@ def _as_rows(weights: np.ndarray, name: str) -> np.ndarray:
             "or vector at a time (stacked experts: one expert at a time, each with its own imatrix)"
         )
     rows = np.ascontiguousarray(weights.reshape(-1, weights.shape[-1]), dtype=np.float32)
-    bad = ~np.isfinite(rows)
-    if bad.any():
+    # one cheap pass: NaN and ±inf make the sum non-finite; only then look for where
+    if not np.isfinite(rows.sum(dtype=np.float64)) and not np.isfinite(rows).all():
+        bad = ~np.isfinite(rows)
         r, c = np.argwhere(bad)[0]
         raise LoraforgeError(
             f"{name}: {int(bad.sum())} of {rows.size} weights are NaN or infinite (first at "

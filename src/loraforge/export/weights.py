@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from loraforge.errors import LoraforgeError
+from loraforge.export.shards import Shard
 
 _PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
@@ -57,15 +57,7 @@ class Adapter:
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
 
     def tensor(self, key: str) -> torch.Tensor:
-        return self.handle.get_tensor(key).to(torch.float32)
-
-
-def _open(path: Path):
-    try:
-        return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError) as exc:
-        raise LoraforgeError(f"{path}: cannot read safetensors ({exc}) — the file is corrupt or truncated; "
-                             "copy or download it again") from None
+        return self.handle.read(key).to(torch.float32)
 
 
 def read_adapter(path: Path) -> Adapter:
@@ -83,10 +75,10 @@ def read_adapter(path: Path) -> Adapter:
     weights = path / "adapter_model.safetensors"
     if not weights.exists():
         raise LoraforgeError(f"{path}: no adapter_model.safetensors (a .bin adapter? re-save it with peft ≥ 0.6)")
-    adapter = Adapter(path, config, handle=_open(weights))
+    adapter = Adapter(path, config, handle=Shard(weights))
     pairs: dict[str, dict[str, str]] = {}
     for key in adapter.handle.keys():
-        adapter.shapes[key] = adapter.handle.get_slice(key).get_shape()
+        adapter.shapes[key] = adapter.handle.shape(key)
         name = key.removeprefix(_PEFT_PREFIX)
         match = _LORA_KEY.match(name)
         if match:
@@ -111,7 +103,7 @@ def base_shards(base_dir: Path) -> dict[str, Path]:
     if not single.exists():
         raise LoraforgeError(f"{base_dir}: no model.safetensors or model.safetensors.index.json — "
                              "export needs the base model in safetensors format")
-    return {name: single for name in _open(single).keys()}
+    return {name: single for name in Shard(single).keys()}
 
 
 @dataclass
@@ -128,10 +120,9 @@ def plan(base_dir: Path, adapters: list[Adapter]) -> list[Planned]:
     """Every output tensor with its final shape, after checking that the adapters fit."""
     shards = base_shards(base_dir)
     planned: dict[str, Planned] = {}
-    handles = {shard: _open(shard) for shard in set(shards.values())}
+    handles = {shard: Shard(shard) for shard in set(shards.values())}
     for name, shard in shards.items():
-        view = handles[shard].get_slice(name)
-        planned[name] = Planned(name, list(view.get_shape()), _dtype(view.get_dtype()), shard)
+        planned[name] = Planned(name, handles[shard].shape(name), _dtype(handles[shard].dtype_name(name)), shard)
     check_order(adapters)
     for index, adapter in enumerate(adapters, start=1):
         for name, key in adapter.full.items():
@@ -183,15 +174,15 @@ def merged_tensors(planned: list[Planned], adapters: list[Adapter]) -> Iterator[
     handles: dict[Path, object] = {}
     for item in planned:
         if item.shard not in handles:
-            handles[item.shard] = _open(item.shard)
-        tensor = handles[item.shard].get_tensor(item.name).to(torch.float32)
+            handles[item.shard] = Shard(item.shard)
+        tensor = handles[item.shard].read(item.name).to(torch.float32)
         for adapter in adapters:
             if item.name in adapter.full:
                 tensor = adapter.tensor(adapter.full[item.name])
             elif item.name in adapter.lora:
                 a_key, b_key = adapter.lora[item.name]
                 lora_a, lora_b = adapter.tensor(a_key), adapter.tensor(b_key)
-                tensor += adapter.scale(item.name, lora_a.shape[0]) * (lora_b @ lora_a)
+                tensor.addmm_(lora_b, lora_a, alpha=adapter.scale(item.name, lora_a.shape[0]))  # W += s·B@A
         yield item, tensor
 
 
