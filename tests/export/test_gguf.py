@@ -101,3 +101,15 @@ def test_exported_model_answers_like_the_trained_one(learned_run, tmp_path, quan
     exported = [greedy_answer_gguf(llm, template_of(result.output_dir), question) for question, _, _ in trained]
     assert [got.strip() for _, _, got in trained] == [a.strip() for a in exported]
     assert llm.metadata["tokenizer.chat_template"].startswith("{#- loraforge chat template 'chinese-alpaca'")
+
+
+def test_row_blocks_give_the_same_file_as_whole_tensors(tiny_llama, tmp_path, monkeypatch):
+    """Big tensors are merged and quantized in row blocks; the bytes must not depend on it."""
+    import loraforge.export.gguf_writer as writer
+
+    pt = random_adapter(tiny_llama, tmp_path / "pt", 7, r=4, modules_to_save=["embed_tokens", "lm_head"])
+    sft = random_adapter(tiny_llama, tmp_path / "sft", 8, r=8, lora_alpha=16)
+    whole = export_gguf(tiny_llama, [pt, sft], tmp_path / "whole.gguf", "q8_0").read_bytes()
+    monkeypatch.setattr(writer, "CHUNK_BYTES", 3 * 64 * 4 + 5)  # 3 rows of 64 values per block
+    blocks = export_gguf(tiny_llama, [pt, sft], tmp_path / "blocks.gguf", "q8_0").read_bytes()
+    assert blocks == whole

@@ -34,12 +34,15 @@ from loraforge.export.vocab_meta import add_tokenizer
 from loraforge.export.weights import (
     Planned,
     check_free_space,
+    merged_chunks,
     merged_config,
-    merged_tensors,
     plan,
     read_adapter,
     tokenizer_source,
 )
+
+# rows are merged and quantized in blocks of at most this much fp32, whatever the tensor size
+CHUNK_BYTES = 64 * 1024**2
 
 
 def gguf_nbytes(item: Planned, kind: GGMLType) -> int:
@@ -112,13 +115,25 @@ def export_gguf(base_dir: Path, adapter_dirs: list[Path], out_path: Path, quant:
         writer.write_ti_data_to_file()
         with tqdm(total=sum(math.prod(p.shape) for p in planned), unit="w", unit_scale=True,
                   desc=f"gguf {scheme.name}") as progress:
-            write = Behind(writer.write_tensor_data)
+            fout, align = writer.fout[0], writer.data_alignment
+
+            def put(job: tuple[np.ndarray, bool, int]) -> None:  # in file order, on the writer thread
+                data, first, pad_after = job
+                if first:
+                    fout.write(bytes(-fout.tell() % align))
+                data.tofile(fout)
+                fout.write(bytes(pad_after))
+
+            write = Behind(put)
+            whole = lambda name: arch.permute_qk and (".q_proj." in name or ".k_proj." in name)  # noqa: E731
             try:
-                stream = ((item, to_gguf_layout(item.name, t, arch, config)) for item, t in merged_tensors(planned, adapters))
-                for item, tensor in ahead(stream):
-                    name = names[item.name]
-                    write(encode(tensor, kinds[item.name], name, importance.get(name)))
-                    progress.update(tensor.numel())
+                for item, start, rows in ahead(merged_chunks(planned, adapters, CHUNK_BYTES, whole)):
+                    rows = to_gguf_layout(item.name, rows, arch, config)
+                    name, kind = names[item.name], kinds[item.name]
+                    last = start + (rows.shape[0] if item.shape else 1) == (item.shape[0] if item.shape else 1)
+                    pad = -gguf_nbytes(item, kind) % align if last else 0
+                    write((encode(rows, kind, name, importance.get(name)), start == 0, pad))
+                    progress.update(rows.numel())
             finally:
                 write.close()
         writer.close()

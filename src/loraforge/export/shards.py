@@ -71,8 +71,13 @@ class Shard:
         """safetensors' spelling: F32, F16, BF16, …"""
         return self.entries[name][0]
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only rows [start, stop) of its first dimension."""
         dtype, shape, start, end = self.entries[name]
+        if rows is not None:
+            row_bytes = (end - start) // shape[0] if shape and shape[0] else 0
+            start, end = start + rows[0] * row_bytes, start + rows[1] * row_bytes
+            shape = [rows[1] - rows[0], *shape[1:]]
         if end == start:
             return torch.empty(shape, dtype=DTYPES[dtype])
         buffer = bytearray(end - start)

@@ -17,7 +17,7 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,20 +169,38 @@ def _dtype(name: str) -> torch.dtype:
     return table[name]
 
 
-def merged_tensors(planned: list[Planned], adapters: list[Adapter]) -> Iterator[tuple[Planned, torch.Tensor]]:
-    """Yield each output tensor in fp32, base + every adapter's delta in order."""
-    handles: dict[Path, object] = {}
+def merged_chunks(planned: list[Planned], adapters: list[Adapter], max_bytes: int,
+                  whole: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[Planned, int, torch.Tensor]]:
+    """Yield (item, first row, fp32 rows) of each output tensor: base + every adapter's delta in
+    order, in blocks of at most `max_bytes` of fp32 unless `whole(name)` asks for the tensor at once.
+
+    Rows are independent under the merge (W[r] + s·B[r]@A) and under quantization, so a
+    32000×4096 embedding never needs to be in memory at once."""
+    handles: dict[Path, Shard] = {}
     for item in planned:
-        if item.shard not in handles:
-            handles[item.shard] = Shard(item.shard)
-        tensor = handles[item.shard].read(item.name).to(torch.float32)
-        for adapter in adapters:
-            if item.name in adapter.full:
-                tensor = adapter.tensor(adapter.full[item.name])
-            elif item.name in adapter.lora:
-                a_key, b_key = adapter.lora[item.name]
-                lora_a, lora_b = adapter.tensor(a_key), adapter.tensor(b_key)
+        # an adapter's full tensor (modules_to_save) replaces everything before it
+        replaced = max((i for i, a in enumerate(adapters) if item.name in a.full), default=-1)
+        if replaced >= 0:
+            source, key = adapters[replaced].handle, adapters[replaced].full[item.name]
+        else:
+            source = handles.setdefault(item.shard, Shard(item.shard))
+            key = item.name
+        deltas = [(a, *a.lora[item.name]) for a in adapters[replaced + 1:] if item.name in a.lora]
+        n_rows = item.shape[0] if item.shape else 1
+        row_bytes = 4 * math.prod(item.shape[1:])
+        step = n_rows if whole(item.name) or not item.shape else max(1, max_bytes // max(row_bytes, 1))
+        for start in range(0, n_rows, step):
+            rows = (start, min(n_rows, start + step))
+            tensor = source.read(key, rows if item.shape else None).to(torch.float32)
+            for adapter, a_key, b_key in deltas:
+                lora_a, lora_b = adapter.tensor(a_key), adapter.handle.read(b_key, rows).to(torch.float32)
                 tensor.addmm_(lora_b, lora_a, alpha=adapter.scale(item.name, lora_a.shape[0]))  # W += s·B@A
+            yield item, start, tensor
+
+
+def merged_tensors(planned: list[Planned], adapters: list[Adapter]) -> Iterator[tuple[Planned, torch.Tensor]]:
+    """Yield each output tensor whole, in fp32, base + every adapter's delta in order."""
+    for item, _, tensor in merged_chunks(planned, adapters, max_bytes=0):
         yield item, tensor
 
 
