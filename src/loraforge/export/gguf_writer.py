@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +82,24 @@ def importance_of(planned: list[Planned], names: dict[str, str], kinds: dict[str
     return found
 
 
+@contextmanager
+def gguf_file(out_path: Path, arch_name: str) -> Iterator:
+    """A GGUFWriter on a temporary name next to `out_path`, renamed only when the block completes."""
+    import gguf
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
+    writer = gguf.GGUFWriter(tmp, arch_name)
+    try:
+        yield writer
+        writer.close()
+        tmp.replace(out_path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def export_gguf(base_dir: Path, adapter_dirs: list[Path], out_path: Path, quant: str = "f16",
                 imatrix: Path | None = None) -> Path:
     """Write `out_path` (.gguf) from the base model and the adapters, applied in order."""
@@ -97,9 +117,7 @@ def export_gguf(base_dir: Path, adapter_dirs: list[Path], out_path: Path, quant:
     importance = importance_of(planned, names, kinds, scheme, imatrix)
     check_free_space(out_path, sum(gguf_nbytes(p, kinds[p.name]) for p in planned))
 
-    tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, arch.gguf_name)
-    try:
+    with gguf_file(out_path, arch.gguf_name) as writer:
         writer.add_name(Path(adapter_dirs[-1] if adapter_dirs else base_dir).name)
         writer.add_file_type(scheme.file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -136,10 +154,4 @@ def export_gguf(base_dir: Path, adapter_dirs: list[Path], out_path: Path, quant:
                     progress.update(rows.numel())
             finally:
                 write.close()
-        writer.close()
-        tmp.replace(out_path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return out_path

@@ -14,13 +14,13 @@ no place in this format: such an adapter is refused and pointed at `export gguf`
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from loraforge.errors import LoraforgeError
 from loraforge.export.arch import arch_of, gguf_name, to_gguf_layout
+from loraforge.export.gguf_writer import gguf_file
 from loraforge.export.weights import merged_config, plan, read_adapter
 
 
@@ -55,10 +55,7 @@ def export_lora_gguf(adapter_dir: Path, out_path: Path, base_dir: Path | None = 
     alpha = float(adapter.config.get("lora_alpha") or adapter.config.get("r") or 8)
 
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, arch.gguf_name)
-    try:
+    with gguf_file(out_path, arch.gguf_name) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -75,10 +72,4 @@ def export_lora_gguf(adapter_dir: Path, out_path: Path, base_dir: Path | None = 
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(out_path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return out_path
