@@ -51,9 +51,11 @@ class Adapter:
         """LoRA's alpha/r (alpha/√r with rsLoRA), honouring peft's per-module patterns."""
         module = weight_name.removesuffix(".weight")
         alpha = self.config.get("lora_alpha", rank)
+        # peft's rule: the first key that, as a regex, matches the end of the module name
         for pattern, value in (self.config.get("alpha_pattern") or {}).items():
-            if module == pattern or module.endswith("." + pattern):
+            if re.match(rf"(.*\.)?({pattern})$", module):
                 alpha = value
+                break
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
 
     def tensor(self, key: str) -> torch.Tensor:
