@@ -30,6 +30,9 @@ def meta_to_hf(weight, n_heads):
     return torch.cat([heads[:, 0::2], heads[:, 1::2]], dim=1).reshape(rows, cols)
 
 
+# the fields of Meta's LLaMA-2 `ModelArgs` that params.json may set (llama/model.py, meta-llama/llama v2)
+LLAMA2_MODEL_ARGS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+                     "norm_eps"}
 EXTENDED_VOCAB = 2064  # the pre-training adapter adds 64 tokens, as Chinese-LLaMA's does (at scale)
 
 
@@ -103,7 +106,10 @@ def test_every_tensor_equals_peft_merge_in_meta_layout(tiny_llama, adapters, tmp
     assert (params["n_heads"], params["n_kv_heads"]) == (heads, kv_heads)
     assert params["vocab_size"] == state["tok_embeddings.weight"].shape[0] == EXTENDED_VOCAB
     assert state["output.weight"].shape[0] == EXTENDED_VOCAB
-    assert (params["norm_eps"], params["rope_theta"], params["max_seq_len"]) == (1e-5, 10000.0, 1024)
+    assert params["norm_eps"] == 1e-5
+    # Meta's loaders call ModelArgs(max_seq_len=…, **params), and LLaMA-2's ModelArgs has no rope_theta
+    # (fixed at 10000 there): either key would make them raise a TypeError
+    assert set(params) <= LLAMA2_MODEL_ARGS
     assert params | ffn_params(config.hidden_size, config.intermediate_size) == params
     assert (out / "tokenizer.model").read_bytes() == (tiny_llama / "tokenizer.model").read_bytes()
     assert sorted(p.name for p in out.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
@@ -194,3 +200,57 @@ def test_cli(tiny_llama, adapters, tmp_path):
     assert (tmp_path / "meta" / "consolidated.00.pth").exists()
     again = run(tmp_path / "meta")
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_mha(spm_tokenizer, tmp_path_factory):
+    from loraforge.tiny import TinyShape, build_tiny_model
+
+    return build_tiny_model(spm_tokenizer, tmp_path_factory.mktemp("mha"), TinyShape(kv_heads=4))
+
+
+@pytest.mark.parametrize("model, kv_heads", [("tiny_llama", 2), ("tiny_mha", 4)])
+def test_meta_to_hf_gives_back_the_base_q_and_k(model, kv_heads, request, tmp_path):
+    """The inverse permutation, written in the test, turns wq/wk back into the base's q_proj/k_proj
+    bit for bit, with n_kv_heads for wk under grouped-query attention and n_heads without it."""
+    from safetensors.torch import load_file
+
+    base = request.getfixturevalue(model)
+    out = merge_to_pth(base, [], tmp_path / "meta")
+    state, hf = torch.load(out / "consolidated.00.pth", weights_only=True), load_file(base / "model.safetensors")
+    params = json.loads((out / "params.json").read_text())
+    assert params.get("n_kv_heads", params["n_heads"]) == kv_heads
+    assert ("n_kv_heads" in params) == (kv_heads < params["n_heads"])  # LLaMA-1/2-7B's params.json has none
+    for i in range(params["n_layers"]):
+        assert torch.equal(meta_to_hf(state[f"layers.{i}.attention.wq.weight"], params["n_heads"]),
+                           hf[f"model.layers.{i}.self_attn.q_proj.weight"])
+        assert torch.equal(meta_to_hf(state[f"layers.{i}.attention.wk.weight"], kv_heads),
+                           hf[f"model.layers.{i}.self_attn.k_proj.weight"])
+
+
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("rope, expected", [
+    ({"rope_type": "default", "rope_theta": 10000.0}, {}),  # LLaMA-1/2: Meta's params.json has no rope key
+    ({"rope_type": "default", "rope_theta": 1000000.0}, {"rope_theta": 1000000.0}),  # CodeLlama
+    (LLAMA31_ROPE | {"rope_theta": 500000.0}, {"rope_theta": 500000.0, "use_scaled_rope": True}),  # Llama-3.1
+    (LLAMA31_ROPE | {"rope_theta": 500000.0, "factor": 32.0}, "rope_type=llama3, factor=32.0"),  # Meta's code has factor 8 built in
+    ({"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}, "rope_type=linear, factor=4.0"),
+])
+def test_rope_settings_reach_params_json_or_are_refused(tiny_llama, tmp_path, rope, expected):
+    """A rope setting params.json cannot carry would give a model with the wrong rotary frequencies."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    config = json.loads((base / "config.json").read_text())
+    config.pop("rope_scaling", None)
+    config["rope_parameters"] = rope
+    (base / "config.json").write_text(json.dumps(config))
+    if isinstance(expected, str):
+        with pytest.raises(LoraforgeError, match=f"rope scaling {expected}.*use `merge --format hf`"):
+            merge_to_pth(base, [], tmp_path / "meta")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+        return
+    params = json.loads((merge_to_pth(base, [], tmp_path / "meta") / "params.json").read_text())
+    assert {k: params[k] for k in ("rope_theta", "use_scaled_rope") if k in params} == expected

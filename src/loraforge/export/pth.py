@@ -10,6 +10,12 @@ head for wk under grouped-query attention.
 the zip archive `torch.load` reads: a pickle that refers to each tensor's storage by key,
 then one stored (uncompressed) record per tensor, 64-byte aligned so `torch.load(...,
 mmap=True)` works. Each tensor is merged, converted and written before the next is read.
+
+`params.json` holds only keys Meta's own loaders accept: they call
+`ModelArgs(max_seq_len=…, max_batch_size=…, **params)`, so a `max_seq_len` key (the
+context length is their command-line argument) raises a TypeError, and LLaMA-1/2's
+`ModelArgs` has no `rope_theta`, `n_kv_heads` or `ffn_dim_multiplier` field. Each of those
+is written only where Meta's own releases write it.
 """
 
 from __future__ import annotations
@@ -118,13 +124,36 @@ def check_llama(base_dir: Path, config: dict, planned: list[Planned]) -> None:
                              "Meta's params.json cannot express — use `merge --format hf` (nothing was written)")
 
 
-def meta_params(config: dict) -> dict:
+# The only rope scaling Meta's code has: Llama-3.1's, constants built into llama-models'
+# `apply_scaling` and switched on by `use_scaled_rope`.
+META_LLAMA3_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}
+
+
+def rope_params(base_dir: Path, config: dict) -> dict:
+    """rope_theta (omitted at LLaMA-1/2's 10000, as in Meta's params.json) and Llama-3.1 scaling."""
+    theta = rope_theta(config)
+    params = {} if theta == 10000.0 else {"rope_theta": theta}
+    scaling = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return params
+    if kind == "llama3" and all(scaling.get(key) == value for key, value in META_LLAMA3_ROPE.items()):
+        return params | {"use_scaled_rope": True}
+    settings = ", ".join(f"{k}={v}" for k, v in scaling.items() if k not in ("rope_theta", "type"))
+    raise LoraforgeError(f"{base_dir}/config.json: rope scaling {settings} has no params.json form — Meta's code "
+                         "knows only Llama-3.1's (rope_type=llama3, factor 8, low/high_freq_factor 1/4, original "
+                         "8192), and without it the model would run with the wrong rotary frequencies; use "
+                         "`merge --format hf` (nothing was written)")
+
+
+def meta_params(base_dir: Path, config: dict) -> dict:
     heads = config["num_attention_heads"]
     params = {"dim": config["hidden_size"], "n_layers": config["num_hidden_layers"], "n_heads": heads,
               "n_kv_heads": config.get("num_key_value_heads") or heads,
               **ffn_params(config["hidden_size"], config["intermediate_size"]),
-              "norm_eps": config.get("rms_norm_eps", 1e-6), "rope_theta": rope_theta(config),
-              "max_seq_len": config.get("max_position_embeddings", 2048), "vocab_size": config["vocab_size"]}
+              "norm_eps": config.get("rms_norm_eps", 1e-6), **rope_params(base_dir, config),
+              "vocab_size": config["vocab_size"]}
     if params["n_kv_heads"] == heads:
         del params["n_kv_heads"]  # LLaMA-1/2-7B's params.json has none
     return params
@@ -189,6 +218,7 @@ def merge_to_pth(base_dir: Path, adapter_dirs: list[Path], out_dir: Path) -> Pat
     planned = plan(base_dir, adapters)
     config = merged_config(base_dir, planned)
     check_llama(base_dir, config, planned)
+    params = meta_params(base_dir, config)  # before any weight: a refusal costs nothing
     names = {p.name: meta_name(p.name) for p in planned}
     planned = [p for p in planned if names[p.name]]
     check_free_space(out_dir, sum(nbytes(p) for p in planned))
@@ -221,7 +251,7 @@ def merge_to_pth(base_dir: Path, adapter_dirs: list[Path], out_dir: Path) -> Pat
             # no `.format_version`: with it, torch may compute record offsets assuming miniz's own
             # layout (data descriptors) instead of reading each local header
             _write_record(archive, prefix + "version", b"3\n")
-        (tmp / "params.json").write_text(json.dumps(meta_params(config), indent=2) + "\n")
+        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
         source = tokenizer_source(base_dir, adapters) / "tokenizer.model"
         if source.exists():
             shutil.copy(source, tmp / "tokenizer.model")
