@@ -6,6 +6,8 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
+CHROMIUM := /usr/bin/chromium
+
 .PHONY: install demo test lint clean bench
 
 $(BIN)/python:
@@ -22,7 +24,11 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python -m loraforge.demo
 
-test: install
+# the chat page's test drives Debian's Chromium through playwright (no browser download)
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+test: install $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
 lint: install
