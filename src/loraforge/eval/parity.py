@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from loraforge.errors import LoraforgeError
+from loraforge.outputs import write_text
 
 PROBES = ["春天来了，公园里的花都开了。", "Hello world, this is a test.", "混合 English 和中文 2024年 GPU",
           "全角标点：，。！？：“引号”（括号）", "数字 1234567890 和  两个空格", "第一行\n第二行\n\n空行",
@@ -164,18 +165,18 @@ def _gguf_logits(llm, ids: list[int]) -> np.ndarray:
 
 
 def _greedy_hf(model, ids: list[int], n: int, stop: set[int]) -> list[int]:
-    """Argmax decoding by hand: generate()'s min_new_tokens would mask EOS and change the argmax."""
+    """Argmax decoding, ending at a stop id like `_greedy_gguf` (no min_new_tokens: it would mask EOS
+    and change the argmax)."""
     import torch
+    from transformers import GenerationConfig
 
-    got: list[int] = []
+    # a fresh config: a base's generation_config.json (repetition_penalty, …) would change the argmax
+    plain = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=sorted(stop) or None,
+                             pad_token_id=min(stop, default=0))
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids]), use_cache=True)
-        while len(got) < n:
-            got.append(int(out.logits[0, -1].argmax()))
-            if got[-1] in stop:
-                break
-            out = model(input_ids=torch.tensor([got[-1:]]), past_key_values=out.past_key_values, use_cache=True)
-    return got
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             generation_config=plain)
+    return out[0, len(ids):].tolist()
 
 
 def _greedy_gguf(llm, ids: list[int], n: int, stop: set[int]) -> list[int]:
@@ -272,10 +273,7 @@ def _versions() -> dict:
 
 
 def _write_json(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, json.dumps(report, ensure_ascii=False, indent=2))
 
 
 def verify_export(gguf_path: Path, base_dir: Path, adapter_dirs: list[Path], report_path: Path) -> dict:

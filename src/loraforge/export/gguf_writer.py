@@ -10,7 +10,6 @@ written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +41,7 @@ from loraforge.export.weights import (
     read_adapter,
     tokenizer_source,
 )
+from loraforge.outputs import new_file
 
 # rows are merged and quantized in blocks of at most this much fp32, whatever the tensor size
 CHUNK_BYTES = 64 * 1024**2
@@ -87,17 +87,12 @@ def gguf_file(out_path: Path, arch_name: str) -> Iterator:
     """A GGUFWriter on a temporary name next to `out_path`, renamed only when the block completes."""
     import gguf
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, arch_name)
-    try:
-        yield writer
-        writer.close()
-        tmp.replace(out_path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with new_file(out_path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch_name)
+        try:
+            yield writer
+        finally:
+            writer.close()
 
 
 def export_gguf(base_dir: Path, adapter_dirs: list[Path], out_path: Path, quant: str = "f16",

@@ -9,14 +9,12 @@ to a temporary directory that is renamed only when complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from loraforge.errors import LoraforgeError
 from loraforge.export.weights import (
     Adapter,
     Planned,
@@ -28,6 +26,7 @@ from loraforge.export.weights import (
     read_adapter,
     tokenizer_source,
 )
+from loraforge.outputs import check_new_dir, new_dir
 
 SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -73,24 +72,14 @@ def merge_to_hf(base_dir: Path, adapter_dirs: list[Path], out_dir: Path,
                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Base + adapters (in order) → a HF model directory with merged weights."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise LoraforgeError(f"{out_dir} exists and is not empty: choose a new -o (nothing was written)")
+    check_new_dir(out_dir)
     adapters = [read_adapter(p) for p in adapter_dirs]
     planned = plan(base_dir, adapters)
     check_free_space(out_dir, sum(nbytes(p) for p in planned))
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with new_dir(out_dir) as tmp:
         write_shards(tmp, planned, adapters, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(merged_config(base_dir, planned), indent=2))
         copy_tokenizer(base_dir, adapters, tmp)
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

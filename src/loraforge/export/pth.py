@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import pickle
 import re
 import shutil
@@ -47,6 +46,7 @@ from loraforge.export.weights import (
     read_adapter,
     tokenizer_source,
 )
+from loraforge.outputs import check_new_dir, new_dir
 
 _GLOBAL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
            "lm_head.weight": "output.weight"}
@@ -212,8 +212,7 @@ def _write_record(archive: zipfile.ZipFile, name: str, data: bytes | memoryview)
 def merge_to_pth(base_dir: Path, adapter_dirs: list[Path], out_dir: Path) -> Path:
     """Write `out_dir/consolidated.00.pth` and `params.json` from the base and adapters."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise LoraforgeError(f"{out_dir} already exists and is not empty: choose a new -o (nothing was written)")
+    check_new_dir(out_dir)
     adapters = [read_adapter(p) for p in adapter_dirs]
     planned = plan(base_dir, adapters)
     config = merged_config(base_dir, planned)
@@ -231,10 +230,7 @@ def merge_to_pth(base_dir: Path, adapter_dirs: list[Path], out_dir: Path) -> Pat
         embed = next(p for p in planned if p.name == "model.embed_tokens.weight")
         entries["output.weight"] = _Tensor(storages[embed.name], embed.shape)
 
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with new_dir(out_dir) as tmp:
         prefix = "consolidated.00/"
         with zipfile.ZipFile(tmp / "consolidated.00.pth", "w", zipfile.ZIP_STORED) as archive:
             _write_record(archive, prefix + "data.pkl", _state_pickle(entries))
@@ -255,11 +251,4 @@ def merge_to_pth(base_dir: Path, adapter_dirs: list[Path], out_dir: Path) -> Pat
         source = tokenizer_source(base_dir, adapters) / "tokenizer.model"
         if source.exists():
             shutil.copy(source, tmp / "tokenizer.model")
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
-
