@@ -126,6 +126,8 @@ def plan(base_dir: Path, adapters: list[Adapter]) -> list[Planned]:
     for name, shard in shards.items():
         planned[name] = Planned(name, handles[shard].shape(name), _dtype(handles[shard].dtype_name(name)), shard)
     check_order(adapters)
+    if "model.embed_tokens.weight" in planned:
+        check_tokenizers(adapters, planned["model.embed_tokens.weight"].shape[0])
     for index, adapter in enumerate(adapters, start=1):
         for name, key in adapter.full.items():
             if name not in planned:
@@ -147,6 +149,47 @@ def plan(base_dir: Path, adapters: list[Adapter]) -> list[Planned]:
                     f"adapter {index} ({adapter.path}): LoRA for {name} is B{[b_rows, b_rank]}·A{[rank, a_cols]} "
                     f"but the base tensor is {planned[name].shape} — the adapter was trained on a different base")
     return list(planned.values())
+
+
+def tokenizer_size(folder: Path) -> int | None:
+    """Tokens of the tokenizer saved in `folder` (added tokens included), None without one."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").exists():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    if (folder / "tokenizer.model").exists():
+        from loraforge.vocab.spm import load_proto
+
+        return len(load_proto(folder / "tokenizer.model").pieces)
+    return None
+
+
+def check_tokenizers(adapters: list[Adapter], base_rows: int) -> None:
+    """Each adapter's tokenizer must fit the embedding it was trained with (the classic 32000 vs
+    49953 vs 49954 mix-ups). Larger: the adapter that grew the vocabulary is missing from the
+    chain. Smaller than an earlier adapter's: this run was trained with the old tokenizer, or
+    the order is reversed."""
+    rows, largest = base_rows, None  # embedding rows at this point of the chain; biggest tokenizer so far
+    for index, adapter in enumerate(adapters, start=1):
+        rows = adapter.vocab_rows or rows
+        tokens = tokenizer_size(adapter.path)
+        if tokens is None:
+            continue
+        if tokens > rows:
+            raise LoraforgeError(
+                f"adapter {index} ({adapter.path}) has a {tokens}-token tokenizer but the embedding it applies to has "
+                f"{rows} rows: it was trained on a model with a larger vocabulary — pass the adapter that grew it "
+                "(the pt run with modules_to_save embed_tokens,lm_head) before it, or the resized model as --base "
+                "(nothing was written)")
+        if largest and tokens < largest[0]:
+            before, at, path = largest
+            raise LoraforgeError(
+                f"adapter {index} ({adapter.path}) has a {tokens}-token tokenizer, adapter {at} ({path}) a "
+                f"{before}-token one: either the adapters are in the wrong order (pass the pre-training adapter "
+                f"first), or adapter {index} was trained with the old tokenizer and never saw the new tokens — set "
+                f"model.tokenizer to adapter {at}'s directory and train it again (nothing was written)")
+        largest = (tokens, index, adapter.path)
 
 
 def check_order(adapters: list[Adapter]) -> None:

@@ -111,13 +111,62 @@ def check_output_dir(config: Config, output_dir: Path) -> None:
             "resume it with train.resume_from_checkpoint=last, or set train.overwrite_output_dir=true")
 
 
+# methods whose run can carry grown embeddings: full saves them, LoRA-style ones as modules_to_save
+RESIZABLE_METHODS = ("full", "lora", "qlora", "adalora")
+
+
 def check_vocab_fits(model, tokenizer, config: Config) -> None:
+    """A tokenizer larger than the embedding: grown for `stage: pt` (new rows from their base pieces), refused
+    elsewhere; one smaller than the model's own tokenizer (32000 on a 49953-row model) is refused everywhere."""
     rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
+    source = config.model.tokenizer or config.model.path
+    if len(tokenizer) <= rows:
+        _check_own_tokenizer(tokenizer, config, rows)
+        return
+    if config.stage != "pt" or config.method not in RESIZABLE_METHODS:
+        why = "an sft run" if config.stage != "pt" else f"method: {config.method}"
         raise LoraforgeError(
-            f"the tokenizer from {config.model.tokenizer or config.model.path} has {len(tokenizer)} tokens but the "
-            f"model's embedding has {rows} rows: ids ≥ {rows} would crash — resize the model's embeddings "
-            "to the tokenizer first, or use the tokenizer the model was trained with")
+            f"the tokenizer from {source} has {len(tokenizer)} tokens but the model's embedding has {rows} rows: "
+            f"ids ≥ {rows} would crash, and {why} does not train new embedding rows — grow the model first "
+            f"(loraforge vocab resize --model {config.model.path} --tokenizer {source} -o NEW_BASE, or a "
+            "stage: pt run with this tokenizer, which resizes and trains embed_tokens and lm_head), or use the "
+            "tokenizer the model was trained with")
+    from loraforge.vocab.resize import grow_embeddings
+
+    result = grow_embeddings(model, Path(config.model.path), tokenizer, new_name=source)
+    added = []
+    if config.method != "full":
+        names = {id(model.get_input_embeddings()): "embed_tokens", id(model.get_output_embeddings()): "lm_head"}
+        leaves = [name.rsplit(".", 1)[-1] for name, module in model.named_modules() if id(module) in names]
+        added = [leaf for leaf in dict.fromkeys(leaves) if leaf not in config.lora.modules_to_save]
+        # like LLaMA-Factory's resize_vocab: new rows must be trained, and saved with the adapter
+        config.lora.modules_to_save = [*config.lora.modules_to_save, *added]
+    if int(os.environ.get("RANK", "0")) == 0:
+        trained = f"; training {', '.join(added)} in full (lora.modules_to_save)" if added else ""
+        print(f"vocabulary: {source} has {len(tokenizer)} tokens, the model {rows} rows — resized {result.describe()}"
+              f"{trained}", flush=True)
+
+
+def _check_own_tokenizer(tokenizer, config: Config, rows: int) -> None:
+    """model.tokenizer pointing at a tokenizer other than the one the model dir carries: the classic mix-up
+    (LLaMA's 32000-token tokenizer on Chinese-LLaMA's 49953-row model) or another vocabulary of the same size."""
+    if not config.model.tokenizer or not (Path(config.model.path) / "tokenizer_config.json").exists():
+        return
+    from transformers import AutoTokenizer
+
+    from loraforge.vocab.resize import check_extends
+
+    try:
+        own = AutoTokenizer.from_pretrained(config.model.path)
+    except (OSError, ValueError):
+        return
+    if len(own) > len(tokenizer):
+        raise LoraforgeError(
+            f"model.tokenizer={config.model.tokenizer} has {len(tokenizer)} tokens but model.path="
+            f"{config.model.path} carries its own {len(own)}-token tokenizer ({rows} embedding rows): the model "
+            f"was trained with the {len(own)}-token vocabulary (e.g. an extended one) and would read these ids "
+            "as other tokens — drop model.tokenizer to use the model's own")
+    check_extends(own, tokenizer, config.model.path, config.model.tokenizer)
 
 
 def check_deepspeed(config: Config) -> None:
@@ -244,6 +293,11 @@ def last_eval_step(log_path: Path) -> int | None:
 
 def save_run(trainer, tokenizer, config: Config, output_dir: Path) -> None:
     trainer.save_model(str(output_dir))
+    if config.method != "full" and config.lora.modules_to_save:
+        # after a resize peft also saves the embedding layers under their wrapper names
+        # (…modules_to_save.weight, …original_module.weight), which merge, export and other
+        # loaders of a plain adapter do not expect; the modules_to_save copies are the trained rows
+        trainer.model.save_pretrained(str(output_dir), save_embedding_layers=False)
     tokenizer.save_pretrained(str(output_dir))
     # a fast tokenizer does not write the SentencePiece model it came from; export and
     # vocabulary work need it, so the run carries it along

@@ -136,13 +136,22 @@ def _piece(proto: sp_pb2.ModelProto, index: int) -> str | None:
     return proto.pieces[index].piece if 0 <= index < len(proto.pieces) else None
 
 
-def save_hf_tokenizer(model_file: Path, out_dir: Path, pad_token: str | None = None) -> None:
-    """Write tokenizer.model + tokenizer.json + tokenizer_config.json into out_dir."""
+def save_hf_tokenizer(model_file: Path, out_dir: Path, pad_token: str | None = None,
+                      extra_config: dict | None = None) -> None:
+    """Write tokenizer.model + tokenizer.json + tokenizer_config.json into out_dir.
+
+    A pad token that is not a piece of the model is added after the last piece (id =
+    number of pieces), as Chinese-Alpaca's `[PAD]` is; `extra_config` keys (a base's
+    chat_template, model_max_length…) are kept in tokenizer_config.json.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     proto = load_proto(model_file)
     spec = proto.trainer_spec
     tok = hf_tokenizer_from_spm(model_file)
-    (out_dir / "tokenizer.model").write_bytes(Path(model_file).read_bytes())
+    if pad_token and pad_token not in {p.piece for p in proto.pieces}:
+        tok.add_special_tokens([AddedToken(pad_token, special=True, normalized=False)])
+    data = Path(model_file).read_bytes()
+    (out_dir / "tokenizer.model").write_bytes(data)
     tok.save(str(out_dir / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # loads tokenizer.json as written; LlamaTokenizer rebuilds its own pipeline
@@ -155,6 +164,7 @@ def save_hf_tokenizer(model_file: Path, out_dir: Path, pad_token: str | None = N
         "clean_up_tokenization_spaces": False,
         "legacy": False,
         "model_max_length": 1_000_000_000,
+        **(extra_config or {}),
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     (out_dir / "special_tokens_map.json").write_text(json.dumps(
