@@ -7,31 +7,9 @@ Chinese; the Chinese model (3,000 pieces) is trained on the whole corpus.
 
 from __future__ import annotations
 
-import importlib.util
-import types
 from pathlib import Path
 
 import pytest
-
-
-def _root_helpers() -> dict:
-    """tests/conftest.py's plain names (random_adapter, sft_config, DATA_DIR…), fixtures left out.
-
-    pytest imports every package-less conftest.py as the module `conftest`, the last one
-    replacing the one before; test modules elsewhere do `from conftest import random_adapter`,
-    so when this directory is collected first, this module has to offer those names too.
-    """
-    path = Path(__file__).resolve().parents[1] / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_loraforge_root_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return {name: value for name, value in vars(module).items()
-            if not name.startswith("_") and not isinstance(value, types.ModuleType)
-            and not hasattr(value, "_pytestfixturefunction")
-            and type(value).__name__ != "FixtureFunctionDefinition" and name != "annotations"}
-
-
-globals().update(_root_helpers())
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = ROOT / "examples" / "data"
