@@ -15,13 +15,13 @@ generation parameters go to `<OUT>.generation.json` beside it.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge.errors import LoraforgeError
 from loraforge.infer.engine import Engine, GenerationConfig, message_text
+from loraforge.outputs import new_file, write_text
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system"}
@@ -107,10 +107,8 @@ def generate_file(engine: Engine, input_path: Path, output_path: Path, config: G
 
     input_path, output_path = Path(input_path), Path(output_path)
     rows = read_requests(input_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = output_path.with_name(f".{output_path.name}.partial-{os.getpid()}")
     tokens, start = 0, time.perf_counter()
-    try:
+    with new_file(output_path) as partial:
         with open(partial, "w", encoding="utf-8") as out, \
                 tqdm(rows, desc="generate", unit="prompt", dynamic_ncols=True) as progress:
             for number, record, request in progress:
@@ -124,17 +122,8 @@ def generate_file(engine: Engine, input_path: Path, output_path: Path, config: G
                 progress.set_postfix_str(f"{tokens / (time.perf_counter() - start):.1f} tok/s")
         seconds = time.perf_counter() - start
         config_path = output_path.with_name(output_path.name + ".generation.json")
-        _write_json(config_path, {"model": engine.model_name, "engine": engine.name, "n_ctx": engine.n_ctx,
-                                  "input": str(input_path), "output": str(output_path), "requests": len(rows),
-                                  "completion_tokens": tokens, "seconds": round(seconds, 3),
-                                  "generation": config.to_dict()})
-        partial.replace(output_path)
-    finally:
-        partial.unlink(missing_ok=True)
+        write_text(config_path, json.dumps({
+            "model": engine.model_name, "engine": engine.name, "n_ctx": engine.n_ctx, "input": str(input_path),
+            "output": str(output_path), "requests": len(rows), "completion_tokens": tokens,
+            "seconds": round(seconds, 3), "generation": config.to_dict()}, ensure_ascii=False, indent=2) + "\n")
     return GenerateResult(output_path, config_path, len(rows), tokens, seconds)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)

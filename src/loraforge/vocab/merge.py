@@ -18,12 +18,11 @@ have no place in it.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraforge.errors import LoraforgeError
+from loraforge.outputs import check_new_dir, new_dir
 from loraforge.vocab.spm import NORMAL, USER_DEFINED, id_mismatches, load_proto, save_hf_tokenizer
 
 # tokenizer_config.json keys of the base that describe how the model is used, not the vocabulary
@@ -125,8 +124,7 @@ def merge_vocab(base: Path, add_model: Path, out_dir: Path, pad_token: str | Non
     base_file = base_model_file(base)
     if not add_model.is_file():
         raise LoraforgeError(f"--add {add_model}: no such SentencePiece model (make one with vocab train)")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise LoraforgeError(f"-o {out_dir}: exists and is not empty — choose a new directory")
+    check_new_dir(out_dir)
     base_pieces = len(load_proto(base_file).pieces)
     after = _tokens_after_pieces(base, base_pieces)
     if after:
@@ -146,19 +144,11 @@ def merge_vocab(base: Path, add_model: Path, out_dir: Path, pad_token: str | Non
     if base.is_dir() and (base / "tokenizer_config.json").exists():
         base_config = json.loads((base / "tokenizer_config.json").read_text(encoding="utf-8"))
     kept = {k: base_config[k] for k in KEPT_CONFIG_KEYS if k in base_config}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with new_dir(out_dir) as tmp:
         model_file = tmp / "tokenizer.model"
         model_file.write_bytes(proto.SerializeToString())
         save_hf_tokenizer(model_file, tmp, pad_token=pad_token, extra_config=kept)
         tokens = _check_ids(model_file, tmp, proto)
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.replace(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return MergedVocab(out_dir, base_pieces, added, duplicates, tokens, pad_token, notes)
 
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loraforge.errors import LoraforgeError
+from loraforge.outputs import new_file, write_text
 
 HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]")
 ENGLISH_WORD = re.compile(r"[A-Za-z]+")
@@ -144,9 +145,7 @@ def vocab_report(base_dir: Path, new_dir: Path, text_file: Path, out_dir: Path |
     out_dir = Path(out_dir or new_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report.png = str(plot_report(report, out_dir / "vocab_report.png"))
-    tmp = out_dir / "vocab_report.json.tmp"
-    tmp.write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(out_dir / "vocab_report.json")
+    write_text(out_dir / "vocab_report.json", json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     return report
 
 
@@ -201,8 +200,7 @@ def plot_report(report: VocabReport, out_png: Path) -> Path:
     fig.suptitle(f"vocabulary extension: {report.pieces_added:+,} pieces, on {Path(report.text_file).name} "
                  f"({b.chinese_characters:,} Chinese characters, {b.english_words:,} English words)", fontsize=11)
     fig.tight_layout()
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with new_file(out_png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(out_png)
     return out_png

@@ -19,16 +19,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from loraforge.errors import LoraforgeError
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "chat_template.jinja", "added_tokens.json")
+from loraforge.export.hf import TOKENIZER_FILES
+from loraforge.outputs import check_new_dir, new_dir
 
 
 @dataclass
@@ -147,8 +145,7 @@ def resize_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path, pad_to: in
     model_dir, tokenizer_dir, out_dir = Path(model_dir), Path(tokenizer_dir), Path(out_dir)
     if pad_to is not None and pad_to <= 0:
         raise LoraforgeError(f"--pad-to {pad_to}: a positive multiple such as 64")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise LoraforgeError(f"-o {out_dir}: exists and is not empty — choose a new directory")
+    check_new_dir(out_dir)
     if not (model_dir / "config.json").exists():
         raise LoraforgeError(f"--model {model_dir}: no config.json — pass a HF model directory")
     new_tokenizer = load_new_tokenizer(tokenizer_dir)
@@ -157,19 +154,11 @@ def resize_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path, pad_to: in
     except OSError as exc:
         raise LoraforgeError(f"--model {model_dir}: cannot load a model there ({exc})") from None
     result = grow_embeddings(model, model_dir, new_tokenizer, pad_to, str(tokenizer_dir))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with new_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).exists():
                 shutil.copy(tokenizer_dir / name, tmp / name)
         config = json.loads((tmp / "config.json").read_text())
         assert config["vocab_size"] == result.new_rows, config["vocab_size"]
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.replace(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result

@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from loraforge.errors import LoraforgeError
+from loraforge.outputs import new_file, write_text
 from loraforge.vocab.spm import LLAMA_SAFE_SETTINGS, load_proto
 
 # sentencepiece drops longer lines silently (its default is 4192 bytes, ~1400 Chinese
@@ -159,12 +160,9 @@ def train_vocab(corpus: Sequence[Path], out_file: Path, vocab_size: int = 20000,
             raise LoraforgeError(_trainer_refusal(str(exc), vocab_size, counts["lines"])) from None
     seconds = time.perf_counter() - started
 
-    tmp = out_file.with_name(out_file.name + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    proto = load_proto(tmp)
-    vocab_tmp = out_file.with_suffix(".vocab.tmp")
-    vocab_tmp.write_text("".join(f"{p.piece}\t{p.score:g}\n" for p in proto.pieces), encoding="utf-8")
-    tmp.replace(out_file)
-    vocab_tmp.replace(out_file.with_suffix(".vocab"))
+    with new_file(out_file) as tmp:
+        tmp.write_bytes(model.getvalue())
+        proto = load_proto(tmp)
+        write_text(out_file.with_suffix(".vocab"), "".join(f"{p.piece}\t{p.score:g}\n" for p in proto.pieces))
     return TrainedVocab(out_file, len(proto.pieces), model_type, counts["lines"], counts["characters"],
                         total_bytes, seconds, max_sentences)
