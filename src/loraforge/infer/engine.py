@@ -184,6 +184,19 @@ def template_stop_strings(chat_template: str | None, override: str | None = None
     return tuple(m for m in _KNOWN_END_MARKERS if m in (chat_template or ""))
 
 
+class TokenizerPrompts:
+    """`tokenize` and `render` for engines that hold a transformers tokenizer (`tokenizer`,
+    `bos_token`, `eos_token`, `chat_template` attributes): the hf and vLLM engines."""
+
+    def tokenize(self, text: str) -> list[int]:
+        # a template that writes BOS itself (Llama-3's): the tokenizer must not add a second one
+        starts_with_bos = bool(self.bos_token) and text.startswith(self.bos_token)
+        return self.tokenizer.encode(text, add_special_tokens=not starts_with_bos)
+
+    def render(self, messages) -> str:
+        return render_chat(self.chat_template, messages, self.bos_token, self.eos_token)
+
+
 def prompt_ids(engine: Engine, request: Messages | str) -> list[int]:
     """Token ids of a chat request (rendered with the template) or of a raw prompt string."""
     text = request if isinstance(request, str) else engine.render(request)

@@ -18,6 +18,7 @@ from loraforge.data.records import Conversation, Turn
 from loraforge.data.templates import Template, get_template, render_prompt
 from loraforge.data.tokenize import continuation_ids
 from loraforge.errors import LoraforgeError
+from loraforge.infer.engine import TokenizerPrompts
 
 
 def template_of(run_dir: Path) -> Template:
@@ -215,7 +216,7 @@ def _vocab_rows(adapter_dir: Path) -> int | None:
     return None
 
 
-class HFEngine:
+class HFEngine(TokenizerPrompts):
     """transformers (+ peft) on CPU or CUDA: earlier adapters merged in order, the last one live."""
 
     name = "hf"
@@ -278,15 +279,6 @@ class HFEngine:
             ids = self.tokenizer.encode(marker, add_special_tokens=False)
             if len(ids) == 1 and ids[0] in self.tokenizer.all_special_ids + list(self.tokenizer.added_tokens_decoder):
                 self.stop_ids.add(ids[0])
-
-    def tokenize(self, text: str) -> list[int]:
-        starts_with_bos = bool(self.bos_token) and text.startswith(self.bos_token)
-        return self.tokenizer.encode(text, add_special_tokens=not starts_with_bos)
-
-    def render(self, messages) -> str:
-        from loraforge.infer.engine import render_chat
-
-        return render_chat(self.chat_template, messages, self.bos_token, self.eos_token)
 
     def stream(self, request, config):
         from loraforge.infer.engine import ByteText, check_fits, prompt_ids, stream_tokens

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from loraforge.errors import LoraforgeError
-from loraforge.infer.engine import Chunk, GenerationConfig
+from loraforge.infer.engine import Chunk, GenerationConfig, TokenizerPrompts
 
 # vLLM allocates LoRA slots for one of these ranks (--max-lora-rank); 16 by default
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -116,7 +116,7 @@ def _import_vllm():
     return vllm
 
 
-class VllmEngine:
+class VllmEngine(TokenizerPrompts):
     """vllm.LLM in this process; answers come whole (no token stream)."""
 
     name = "vllm"
@@ -147,15 +147,6 @@ class VllmEngine:
         self.bos_token, self.eos_token = self.tokenizer.bos_token or "", self.tokenizer.eos_token or ""
         self.stop_strings = template_stop_strings(self.chat_template)
         self.stop_ids = {self.tokenizer.eos_token_id} - {None}  # vLLM stops there itself
-
-    def tokenize(self, text: str) -> list[int]:
-        starts_with_bos = bool(self.bos_token) and text.startswith(self.bos_token)
-        return self.tokenizer.encode(text, add_special_tokens=not starts_with_bos)
-
-    def render(self, messages) -> str:
-        from loraforge.infer.engine import render_chat
-
-        return render_chat(self.chat_template, messages, self.bos_token, self.eos_token)
 
     def stream(self, request, config):
         from vllm import SamplingParams
