@@ -59,6 +59,19 @@ def demo_base() -> Path:
     return base
 
 
+def serve_once(gguf_path: Path, question: str) -> str:
+    """Start `loraforge serve` on the GGUF, ask one greedy question with the openai client, stop."""
+    from openai import OpenAI
+
+    from loraforge.serve.server import ServeOptions, background_server
+
+    with background_server(ServeOptions(gguf_path, port=0, parallel=2)) as url:
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model=gguf_path.stem, messages=[{"role": "user", "content": question}],
+                                               temperature=0, max_tokens=64)
+    return reply.choices[0].message.content
+
+
 def main() -> None:
     start = time.perf_counter()
     base = demo_base()
@@ -97,9 +110,14 @@ def main() -> None:
           f"{same_q4} of 3 answers word for word those of the trained model")
     modelfile = write_modelfile(gguf_path)
     print(f"Ollama: {modelfile}  →  ollama create demo -f {modelfile}")
+    served = serve_once(gguf_path, shown[0][0])
+    where = gguf_path.relative_to(Path.cwd()) if gguf_path.is_relative_to(Path.cwd()) else gguf_path
+    print(f"\nloraforge serve, asked through the openai client: 问：{shown[0][0][:40]}\n      答：{served[:60]}\n"
+          f"serve it with the chat page: loraforge serve {where}  →  http://127.0.0.1:8000/")
     summary = {"pt_base": str(base), "sft_loss_first": round(result.first_loss, 3),
                "sft_loss_last": round(result.last_loss, 3), "exact_answers": f"{len(exact)}/{len(rows)}",
                "gguf": str(gguf_path), "gguf_same_as_trained": f"{same}/3", "q4_k_m_same_as_trained": f"{same_q4}/3",
+               "served_same_as_trained": served.strip() == shown[0][2].strip(),
                "seconds": round(time.perf_counter() - start, 1)}
     print("\n" + json.dumps(summary, ensure_ascii=False))
 

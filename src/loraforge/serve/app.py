@@ -1,0 +1,264 @@
+"""The HTTP side of `loraforge serve`: OpenAI routes, auth, errors, SSE, the chat page.
+
+Handlers validate and tokenize, hand a Job to the scheduler's decode thread, and turn its
+events into OpenAI JSON or server-sent events. Every failure a client can cause is an
+OpenAI-style error body with a 4xx status; nothing a request sends can stop the decode
+thread. A client that goes away cancels its job: a closed stream at once, a dropped
+non-streaming request at its next check (every DISCONNECT_POLL_S); the decode thread then
+frees the slot before its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
+
+from loraforge.errors import LoraforgeError
+from loraforge.serve.batching import Delta, Failed, Finished, Job, Scheduler
+from loraforge.serve.prompts import ChatRenderer, prompt_ids
+from loraforge.serve.schema import ChatCompletionRequest, CompletionRequest, parse_body
+
+WEB_PAGE = Path(__file__).parent / "web" / "index.html"
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+
+def error_body(message: str, kind: str, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+class EventPost:
+    """Events from the decode thread to handlers' queues, one event-loop wake-up per decode
+    step for all requests (call_soon_threadsafe per token per request is a syscall each)."""
+
+    def __init__(self):
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._pending: list[tuple[asyncio.Queue, object]] = []
+        self._lock = threading.Lock()
+
+    def put(self, queue: asyncio.Queue, event) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if pending and self.loop is not None:
+            self.loop.call_soon_threadsafe(_deliver, pending)
+
+
+def _deliver(pending: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, event in pending:
+        queue.put_nowait(event)
+
+
+def build_app(scheduler: Scheduler, renderer: ChatRenderer, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="loraforge", docs_url=None, redoc_url=None, openapi_url=None)
+    model = scheduler.model
+    created = int(time.time())
+    post = EventPost()
+    scheduler.after_step.append(post.flush)
+
+    def authorize(request: Request) -> None:
+        # A plain check in each /v1 handler rather than an HTTP middleware: Starlette's
+        # BaseHTTPMiddleware wraps streaming responses and hides client disconnects.
+        if api_key:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY' with the key "
+                                    "the server was started with (--api-key)", code="invalid_api_key")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        scheduler.metrics.request(request.url.path, exc.status)
+        return JSONResponse(error_body(exc.message, exc.kind, exc.code), status_code=exc.status)
+
+    @app.exception_handler(LoraforgeError)
+    async def bad_request(request: Request, exc: LoraforgeError):
+        scheduler.metrics.request(request.url.path, 400)
+        return JSONResponse(error_body(str(exc), "invalid_request_error"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        scheduler.metrics.request(request.url.path, 500)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
+                            status_code=500)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        if not WEB_PAGE.is_file():
+            return PlainTextResponse(f"the chat page is missing: {WEB_PAGE} is not installed "
+                                     "(reinstall loraforge); the API under /v1 works without it", status_code=500)
+        return HTMLResponse(WEB_PAGE.read_bytes(), headers={"Cache-Control": "no-cache"})
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **scheduler.status()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(scheduler.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        scheduler.metrics.request("/v1/models", 200)
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "loraforge"} for name in scheduler.lanes]}
+
+    def lane_of(name: str) -> str:
+        if name not in scheduler.lanes:
+            raise ApiError(404, f"model '{name}' does not exist on this server; it serves "
+                                f"{', '.join(scheduler.lanes)} (GET /v1/models)", code="model_not_found")
+        return name
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        body = parse_body(ChatCompletionRequest, await request.body())
+        lane = lane_of(body.model)
+        prompt = renderer.render(body.message_dicts())
+        params = body.sampling(body.max_completion_tokens or body.max_tokens, prompt.stop, prompt.stop_tokens)
+        return await answer(request, "/v1/chat/completions", lane, prompt.ids, params, body, chat=True,
+                            original=body.message_dicts())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        authorize(request)
+        body = parse_body(CompletionRequest, await request.body())
+        lane = lane_of(body.model)
+        ids = prompt_ids(model, body.prompt_text())
+        return await answer(request, "/v1/completions", lane, ids, body.sampling(body.max_tokens), body, chat=False,
+                            original=body.prompt_text())
+
+    async def answer(request: Request, endpoint: str, lane: str, ids: list[int], params, body, *, chat: bool,
+                     original):
+        if not ids:
+            raise LoraforgeError("the prompt is empty: send some text to continue")
+        scheduler.check_prompt(ids)
+        post.loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = Job(lane, ids, params, lambda event: post.put(events, event), request=original)
+        scheduler.submit(job)
+        scheduler.metrics.request(endpoint, 200)
+        reply = Reply(chat, lane)
+        if body.stream:
+            return StreamingResponse(stream(job, events, reply, body.include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await collect(request, job, events, reply)
+
+    async def collect(request: Request, job: Job, events: asyncio.Queue, reply: Reply):
+        parts: list[str] = []
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                except TimeoutError:
+                    event = None
+                # by the clock, not on a quiet queue: a busy answer never lets the queue go quiet
+                if loop.time() - checked >= DISCONNECT_POLL_S:
+                    checked = loop.time()
+                    if await request.is_disconnected():
+                        job.cancel()
+                        return Response(status_code=499)
+                if event is None:
+                    continue
+                if isinstance(event, Delta):
+                    parts.append(event.text)
+                elif isinstance(event, Finished):
+                    parts.append(event.text)
+                    return reply.whole("".join(parts), event)
+                else:
+                    raise ApiError(500, event.message, "server_error")
+        finally:
+            job.cancel()  # a no-op once finished; frees the slot if this handler was interrupted
+
+    async def stream(job: Job, events: asyncio.Queue, reply: Reply, include_usage: bool):
+        # One chunk per decode step's text, as OpenAI streams one per token: clients and
+        # benchmarks count chunks.
+        try:
+            if reply.chat:
+                yield sse(reply.chunk({"role": "assistant", "content": ""}))
+            while True:
+                event = await events.get()
+                if isinstance(event, Delta):
+                    yield sse(reply.chunk(event.text))
+                    continue
+                if isinstance(event, Failed):
+                    yield sse(error_body(event.message, "server_error"))
+                    break
+                if event.text:
+                    yield sse(reply.chunk(event.text))
+                yield sse(reply.chunk(None, event.finish_reason))
+                if include_usage:
+                    yield sse(reply.usage_chunk(event))
+                break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()
+
+    return app
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def usage(event: Finished) -> dict:
+    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+            "total_tokens": event.prompt_tokens + event.completion_tokens}
+
+
+class Reply:
+    """OpenAI's response shapes for one request (chat or text completion)."""
+
+    def __init__(self, chat: bool, model: str):
+        self.chat, self.model = chat, model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def _envelope(self, kind: str, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def whole(self, text: str, event: Finished) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": event.finish_reason, "logprobs": None}
+            body = self._envelope("chat.completion", [choice])
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": event.finish_reason, "logprobs": None}
+            body = self._envelope("text_completion", [choice])
+        return {**body, "usage": usage(event)}
+
+    def chunk(self, content, finish_reason: str | None = None) -> dict:
+        if self.chat:
+            delta = content if isinstance(content, dict) else ({} if content is None else {"content": content})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            return self._envelope("chat.completion.chunk", [choice])
+        choice = {"index": 0, "text": content or "", "finish_reason": finish_reason, "logprobs": None}
+        return self._envelope("text_completion", [choice])
+
+    def usage_chunk(self, event: Finished) -> dict:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._envelope(kind, []), "usage": usage(event)}

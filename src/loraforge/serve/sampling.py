@@ -1,0 +1,102 @@
+"""Per-request sampling and the text a request streams back.
+
+Each request gets its own llama.cpp sampler chain, so requests decoded in the same batch
+keep their own temperature, penalties and random generator (a seed makes a request
+reproducible whatever else is being decoded with it). The chain's order is llama.cpp's
+common one: penalties → top-k → typical → top-p → min-p → temperature → draw.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass, field
+
+PENALTY_LAST_N = 64  # tokens the repetition penalties look back over (llama.cpp's default)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None = None  # None: until the end of generation or the context is full
+    temperature: float = 1.0  # 0 → greedy (the model's most likely token every step)
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None  # None: a fresh random seed
+    stop: tuple[str, ...] = ()
+    stop_tokens: frozenset[int] = field(default_factory=frozenset)  # e.g. a template's end token
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
+
+
+def sampler_chain(lib, params: SamplingParams, n_vocab: int):
+    """A llama.cpp sampler chain for one request; free it with `lib.llama_sampler_free`."""
+    chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+
+    def add(sampler) -> None:
+        lib.llama_sampler_chain_add(chain, sampler)
+
+    if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+        add(lib.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, params.repeat_penalty,
+                                             params.frequency_penalty, params.presence_penalty))
+    if params.temperature <= 0.0:
+        add(lib.llama_sampler_init_greedy())
+        return chain
+    if params.top_k > 0:
+        add(lib.llama_sampler_init_top_k(params.top_k))
+    if params.typical_p < 1.0:
+        add(lib.llama_sampler_init_typical(params.typical_p, 1))
+    if params.top_p < 1.0:
+        add(lib.llama_sampler_init_top_p(params.top_p, 1))
+    if params.min_p > 0.0:
+        add(lib.llama_sampler_init_min_p(params.min_p, 1))
+    add(lib.llama_sampler_init_temp(params.temperature))
+    seed = lib.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+    add(lib.llama_sampler_init_dist(seed))
+    return chain
+
+
+class TextStream:
+    """Token bytes in, text out: whole UTF-8 characters only (a Chinese character is often
+    split over two or three byte-level tokens), and never a prefix of a stop string that
+    may still complete — the client must not see the start of a stop sequence."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop = tuple(s for s in stop if s)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""  # everything generated so far (up to a stop string, once found)
+        self.sent = 0  # how much of `text` has been handed out
+        self.stopped = False
+
+    def push(self, data: bytes) -> str:
+        """Add a token's bytes; return the text that is now safe to send."""
+        self.text += self._decoder.decode(data)
+        return self._release()
+
+    def finish(self) -> str:
+        """The end of generation: flush what was held back (a stop prefix is just text now)."""
+        if not self.stopped:
+            self.text += self._decoder.decode(b"", final=True)
+        out = self.text[self.sent:]
+        self.sent = len(self.text)
+        return out
+
+    def _release(self) -> str:
+        if not self.stop:
+            return self._take(len(self.text))
+        # A stop string can only start at or after `sent`: anything earlier that could have
+        # begun one was held back until it could not.
+        found = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
+        if found:
+            self.text = self.text[:min(found)]
+            self.stopped = True
+            return self._take(len(self.text))
+        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        return self._take(len(self.text) - hold)
+
+    def _take(self, end: int) -> str:
+        out = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return out

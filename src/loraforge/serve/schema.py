@@ -1,0 +1,152 @@
+"""OpenAI request bodies, with OpenAI's field names, validated strictly by type.
+
+Unknown keys are accepted and ignored: OpenAI clients send fields this server has no use
+for (`user`, `logit_bias`, `parallel_tool_calls`, …), and refusing them would break those
+clients. Known keys are checked strictly — `"max_tokens": "16"` or `"temperature": "hot"`
+is a 400 naming the field, never a silent coercion. Known features this server does not
+implement (`n` > 1, `logprobs`, `tools`, `best_of`, `echo`, `suffix`) are refused with a
+400 rather than quietly answered differently than asked.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loraforge.errors import LoraforgeError
+from loraforge.serve.sampling import SamplingParams
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Generation(_Body):
+    model: str
+    max_tokens: Annotated[int, Field(gt=0)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 0  # llama.cpp extension, 0 = off
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0  # llama.cpp extension
+    typical_p: Annotated[float, Field(gt=0, le=1)] = 1.0  # llama.cpp extension
+    repeat_penalty: Annotated[float, Field(gt=0)] = 1.0  # llama.cpp extension
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[int, Field(ge=1)] = 1
+    logprobs: bool | int | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value):
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        return stops
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.n != 1:
+            raise ValueError("n: only n=1 is supported (send several requests; they are batched together)")
+        if self.logprobs not in (None, False, 0):
+            raise ValueError("logprobs: not supported by this server")
+        return self
+
+    def sampling(self, max_tokens: int | None, stop: tuple[str, ...] = (),
+                 stop_tokens: frozenset[int] = frozenset()) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            min_p=self.min_p, typical_p=self.typical_p, repeat_penalty=self.repeat_penalty,
+            frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty, seed=self.seed,
+            stop=tuple(dict.fromkeys([*(self.stop or ()), *stop])), stop_tokens=stop_tokens, ignore_eos=self.ignore_eos)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Generation):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(gt=0)] | None = None  # the newer name of max_tokens
+    tools: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _no_tools(self):
+        if self.tools:
+            raise ValueError("tools: tool calling is not supported by this server")
+        return self
+
+    def message_dicts(self) -> list[dict]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(_Generation):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    max_tokens: Annotated[int, Field(gt=0)] | None = 16  # OpenAI's default for completions
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _single(self):
+        if self.echo or self.suffix or (self.best_of or 1) != 1:
+            raise ValueError("echo, suffix and best_of are not supported by this server")
+        return self
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+def parse_body(model: type[_Body], raw: bytes) -> _Body:
+    """Validate a JSON request body; any problem is a LoraforgeError naming the field."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise LoraforgeError(describe(exc)) from None
+
+
+def describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors()[:5]:
+        if error["type"] == "json_invalid":
+            return f"the request body is not valid JSON: {error['msg'].removeprefix('Invalid JSON: ')}"
+        if error["type"] == "model_type" and not error["loc"]:
+            return "the request body must be a JSON object"
+        where = ".".join(str(p) for p in error["loc"] if not _is_union_tag(p))
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}" if where else message)
+    return "invalid request: " + "; ".join(dict.fromkeys(problems))
+
+
+def _is_union_tag(part) -> bool:
+    # pydantic puts the union member it tried into the path ("stop.str"); people want "stop"
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list[str]", "list[TextPart]")
+                                      or part.startswith(("function-", "constrained-")))

@@ -1,0 +1,142 @@
+"""`loraforge serve`: load a model once, start the decode thread, run uvicorn.
+
+A GGUF is served with continuous batching (serve/batching.py): one llama.cpp context per
+served name — the base, and one per `--adapter name=path` — all on one loaded model.
+A HF model or adapter directory is served through the transformers engine one request
+at a time (serve/serial.py): for trying a run; export a GGUF to serve it for real.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from loraforge.errors import LoraforgeError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+
+
+@dataclass
+class ServeOptions:
+    model: Path  # a .gguf file (batched), or a HF model / peft adapter dir (one request at a time)
+    adapters: dict[str, Path] = field(default_factory=dict)  # served name → LoRA adapter .gguf
+    name: str | None = None  # the base model's id in /v1/models (default: the file stem)
+    host: str = "127.0.0.1"  # loopback only unless asked: the API has no key by default
+    port: int = 8000
+    api_key: str | None = None
+    parallel: int = 4  # slots (sequences decoded together) per served name
+    ctx_size: int | None = None  # tokens per slot, prompt + answer (default: the model's trained context)
+    threads: int | None = None  # decode threads; also for batches unless threads_batch is given
+    threads_batch: int | None = None
+    prefill_chunk: int = 128  # prompt tokens per step while other requests are decoding
+
+
+def parse_adapters(specs: list[str]) -> dict[str, Path]:
+    """`name=path` pairs from the command line."""
+    adapters: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise LoraforgeError(f"--adapter {spec}: write it as NAME=PATH (the name clients send as \"model\")")
+        if not _NAME.match(name):
+            raise LoraforgeError(f"--adapter {spec}: the name may hold letters, digits and . _ : / - only")
+        if name in adapters:
+            raise LoraforgeError(f"--adapter {name}=…: the name is given twice")
+        adapters[name] = Path(path)
+    return adapters
+
+
+def open_scheduler(options: ServeOptions):
+    """The loaded model, its contexts and the running decode thread."""
+    from loraforge.models import resolve_model
+    from loraforge.serve.batching import Scheduler
+    from loraforge.serve.gguf_model import ContextSpec, GgufModel, default_threads
+
+    if options.parallel < 1:
+        raise LoraforgeError(f"--parallel {options.parallel}: need at least one slot")
+    ref = resolve_model(options.model)
+    base_name = options.name or ref.name
+    if base_name in options.adapters:
+        raise LoraforgeError(f"--adapter {base_name}=…: that is the base model's name; choose another")
+    if ref.kind != "gguf":
+        from loraforge.serve.serial import open_hf_scheduler
+
+        return open_hf_scheduler(options.model, options.adapters, base_name, options.ctx_size)
+    model = GgufModel(options.model)
+    adapters = {name: model.load_adapter(name, path) for name, path in options.adapters.items()}
+    threads, threads_batch = default_threads()
+    ctx = options.ctx_size or model.n_ctx_train
+    if ctx < 8:
+        raise LoraforgeError(f"--ctx-size {ctx}: too small to hold a prompt and an answer")
+    spec = ContextSpec(parallel=options.parallel, ctx_per_slot=ctx, n_batch=max(512, options.parallel),
+                       threads=options.threads or threads,
+                       threads_batch=options.threads_batch or options.threads or threads_batch)
+    return Scheduler(model, adapters, base_name, spec, prefill_chunk=options.prefill_chunk)
+
+
+def http_server(options: ServeOptions, scheduler, ready: Callable[[str, list[str]], None] | None = None):
+    """A uvicorn server for the scheduler's models; `ready(url, names)` once its socket listens."""
+    import uvicorn
+
+    from loraforge.serve.app import build_app
+    from loraforge.serve.prompts import ChatRenderer
+
+    app = build_app(scheduler, ChatRenderer(scheduler.model), options.api_key)
+    config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
+                            access_log=False, timeout_graceful_shutdown=2)
+    host = f"[{options.host}]" if ":" in options.host else options.host
+
+    class Server(uvicorn.Server):
+        url = f"http://{host}:{options.port}"
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started and ready is not None:
+                ready(self.url, list(scheduler.lanes))
+
+    return Server(config)
+
+
+def serve(options: ServeOptions, ready: Callable[[str, list[str]], None] | None = None) -> None:
+    """Serve until interrupted."""
+    scheduler = open_scheduler(options)
+    try:
+        server = http_server(options, scheduler, ready)
+        try:
+            server.run()
+        except SystemExit:  # uvicorn exits when it cannot bind; its log line says why
+            raise LoraforgeError(f"could not listen on {server.url} (in use? pick another --port)") from None
+    finally:
+        scheduler.close()
+
+
+@contextmanager
+def background_server(options: ServeOptions, timeout: float = 60.0) -> Iterator[str]:
+    """The server in a thread of this process (the demo, benchmarks); yields its base URL."""
+    if options.port == 0:
+        options = replace(options, port=free_port())
+    scheduler = open_scheduler(options)
+    listening = threading.Event()
+    server = http_server(options, scheduler, lambda url, names: listening.set())
+    thread = threading.Thread(target=server.run, name="loraforge-http", daemon=True)
+    try:
+        thread.start()
+        while not listening.wait(0.05):
+            if not thread.is_alive() or (timeout := timeout - 0.05) <= 0:
+                raise LoraforgeError(f"the server did not start listening on {server.url}")
+        yield server.url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        scheduler.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
