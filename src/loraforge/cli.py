@@ -146,10 +146,142 @@ def _gguf_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="a .gguf file")
 
 
+def cmd_vocab_train(args) -> None:
+    from loraforge.vocab.train import train_vocab
+
+    result = train_vocab([Path(p) for p in args.corpus], Path(args.output), args.vocab_size, args.model_type,
+                         args.max_sentences)
+    print(result.describe())
+
+
+def _vocab_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, one paragraph a line")
+    parser.add_argument("--vocab-size", type=int, default=20000, help="pieces in the new model (Chinese-LLaMA: 20000)")
+    parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="bpe, like LLaMA's")
+    parser.add_argument("--max-sentences", type=int, default=0, help="sample this many lines of a big corpus (0: all)")
+    parser.add_argument("-o", "--output", required=True, help="the .model file to write, e.g. zh.model")
+
+
+def cmd_vocab_merge(args) -> None:
+    from loraforge.vocab.merge import merge_vocab
+
+    print(merge_vocab(Path(args.base), Path(args.add), Path(args.output), args.pad_token or None).describe())
+
+
+def _vocab_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, help="base model or tokenizer dir with tokenizer.model (or the file)")
+    parser.add_argument("--add", required=True, help="SentencePiece model whose new pieces are appended (vocab train)")
+    parser.add_argument("--pad-token", default="", help="add this pad token after the pieces, e.g. [PAD] (Chinese-Alpaca)")
+    parser.add_argument("-o", "--output", required=True, help="new directory for the merged tokenizer")
+
+
+def cmd_vocab_report(args) -> None:
+    from loraforge.vocab.report import format_report, vocab_report
+
+    print(format_report(vocab_report(Path(args.base), Path(args.new), Path(args.text),
+                                     Path(args.output) if args.output else None)))
+
+
+def _vocab_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, help="the base tokenizer (or model) dir")
+    parser.add_argument("--new", required=True, help="the extended tokenizer dir (vocab merge -o)")
+    parser.add_argument("--text", required=True, help="held-out text to measure on")
+    parser.add_argument("-o", "--output", default="", help="where vocab_report.json/.png go (default: --new)")
+
+
+def cmd_vocab_resize(args) -> None:
+    from loraforge.vocab.resize import resize_model
+
+    result = resize_model(Path(args.model), Path(args.tokenizer), Path(args.output), args.pad_to or None)
+    print(f"{args.output}: {result.describe()}")
+
+
+def _vocab_resize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="base model dir")
+    parser.add_argument("--tokenizer", required=True, help="the extended tokenizer dir (vocab merge -o)")
+    parser.add_argument("--pad-to", type=int, default=0, help="round the rows up to a multiple, e.g. 64 (0: none)")
+    parser.add_argument("-o", "--output", required=True, help="new directory for the resized model")
+
+
+def cmd_chat(args) -> None:
+    from loraforge.infer.chat import run_chat
+    from loraforge.infer.options import engine_from, generation_config
+
+    config = generation_config(args)
+    engine = engine_from(args)
+    try:
+        run_chat(engine, config, system=args.system)
+    finally:
+        engine.close()
+
+
+def _chat_arguments(parser: argparse.ArgumentParser) -> None:
+    from loraforge.infer.options import add_generation_arguments, add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
+    add_generation_arguments(parser)
+
+
+def cmd_generate(args) -> None:
+    from loraforge.infer.generate import generate_file, read_requests
+    from loraforge.infer.options import engine_from, generation_config
+
+    config = generation_config(args)
+    read_requests(Path(args.input))  # a bad line fails before the model loads
+    engine = engine_from(args)
+    try:
+        done = generate_file(engine, Path(args.input), Path(args.output), config)
+    finally:
+        engine.close()
+    print(f"wrote {done.requests} predictions to {done.output} ({done.completion_tokens} tokens in "
+          f"{done.seconds:.1f} s); generation parameters: {done.config_path}")
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    from loraforge.infer.options import add_generation_arguments, add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--input", required=True,
+                        help="jsonl: one instruction/input, messages, conversations or prompt object per line")
+    parser.add_argument("-o", "--output", required=True, help="predictions jsonl to write")
+    add_generation_arguments(parser)
+
+
 def _config_command(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="override config keys, e.g. lora.r=16 train.lr=2e-4")
+
+
+def cmd_serve(args) -> None:
+    from loraforge.serve.server import ServeOptions, parse_adapters, serve
+
+    options = ServeOptions(Path(args.model), parse_adapters(args.adapter), args.name or None, args.host, args.port,
+                           args.api_key or None, args.parallel, args.ctx_size or None, args.threads or None)
+
+    def ready(url: str, names: list[str]) -> None:
+        print(f"serving {', '.join(names)} at {url}/v1 (chat page: {url}/; Ctrl-C stops)", flush=True)
+
+    serve(options, ready)
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="the .gguf model to serve (a HF model or adapter dir: one request at a time)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                        help="a LoRA served as model NAME (repeatable): an adapter .gguf for a GGUF model, "
+                             "a peft dir for a HF one")
+    parser.add_argument("--name", default="", help="the base model's id in /v1/models (default: the file stem)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    parser.add_argument("--api-key", default="", metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' on every /v1 request")
+    parser.add_argument("--parallel", type=int, default=4, metavar="N",
+                        help="requests decoded together per model (slots; default: 4)")
+    parser.add_argument("--ctx-size", type=int, default=0,
+                        help="tokens per slot, prompt + answer (default: the model's trained context)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="llama.cpp threads (default: half the cores for one token, all cores for batches)")
 
 
 # (words, function, help, how to add arguments)
@@ -159,13 +291,26 @@ COMMANDS: list[tuple[tuple[str, ...], Callable, str, Callable | None]] = [
     (("data", "check"), cmd_data_check,
      "formats, counts, one rendered example with learned spans, token lengths", _config_command),
     (("train",), cmd_train, "LoRA / full / prompt-method training (stage pt or sft)", _config_command),
+    (("vocab", "train"), cmd_vocab_train, "train a SentencePiece model with llama.cpp-safe settings",
+     _vocab_train_arguments),
+    (("vocab", "merge"), cmd_vocab_merge, "append a SentencePiece model's new pieces to a base tokenizer",
+     _vocab_merge_arguments),
+    (("vocab", "report"), cmd_vocab_report, "tokens per Chinese character / English word before and after, chart",
+     _vocab_report_arguments),
+    (("vocab", "resize"), cmd_vocab_resize, "grow embed_tokens and lm_head to an extended tokenizer",
+     _vocab_resize_arguments),
     (("export", "gguf"), cmd_export_gguf, "base + adapters → one GGUF file in one streaming pass", _export_gguf_arguments),
     (("export", "lora-gguf"), cmd_export_lora_gguf, "a peft LoRA adapter → llama.cpp's GGUF adapter format",
      _export_lora_gguf_arguments),
     (("export", "ollama"), cmd_export_ollama, "an Ollama Modelfile next to an exported GGUF", _export_ollama_arguments),
     (("merge",), cmd_merge, "merge LoRA adapters into the base, streamed tensor by tensor", _merge_arguments),
+    (("chat",), cmd_chat, "chat with a model in the terminal, streamed (/system, /clear, /history, /exit)",
+     _chat_arguments),
+    (("generate",), cmd_generate, "batch generation over a jsonl file, with a progress bar", _generate_arguments),
     (("gguf", "inspect"), cmd_gguf_inspect, "metadata, tensor count by type, size and bits per weight of a GGUF",
      _gguf_inspect_arguments),
+    (("serve",), cmd_serve, "OpenAI-compatible server with continuous batching, LoRA adapters by name, chat page",
+     _serve_arguments),
 ]
 
 
