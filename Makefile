@@ -7,6 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
 CHROMIUM := /usr/bin/chromium
+CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc
 
 .PHONY: install demo test lint clean bench
 
@@ -24,11 +25,12 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python -m loraforge.demo
 
-# the chat page's test drives Debian's Chromium through playwright (no browser download)
-$(CHROMIUM):
-	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+# the chat page's test drives Debian's Chromium through playwright (no browser download),
+# with a CJK font so the screenshot shows Chinese glyphs rather than boxes
+$(CHROMIUM) $(CJK_FONT):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-zenhei
 
-test: install $(CHROMIUM)
+test: install $(CHROMIUM) $(CJK_FONT)
 	$(BIN)/python -m pytest -q
 
 lint: install
