@@ -47,7 +47,7 @@ def runs(small_base_random, extended_tokenizer, zh_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     pt = root / "pt"
     result = train(_config("pt", small_base_random, pt, f"model.tokenizer={extended_tokenizer}",
-                           "data.datasets=zh_corpus"))
+                           "data.datasets=zh_corpus", "train.save_steps=2"))  # checkpoint-2 = the last step
     merged = merge_to_hf(small_base_random, [pt], root / "merged_pt")
     with_pad = merge_vocab(small_base_random, zh_model, root / "tok_pad", pad_token="[PAD]").out_dir
     merged_pad = root / "merged_pt_pad"
@@ -162,3 +162,18 @@ def test_adapter_tokenizer_that_does_not_fit_the_chain_is_caught(runs, small_bas
                                              r"to has 1500 rows.*pass the adapter that grew it"):
         export_gguf(small_base_random, [lora_only], tmp_path / "y.gguf", "f16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora", "lora-tok", "sft-old-tokenizer"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_resized_run_exports_like_the_run(runs, small_base_random, tmp_path):
+    # peft saves a checkpoint's resized embeddings three times (plain, `.modules_to_save.`, and the
+    # untrained `.original_module.`): the trained one must be what flows into the export
+    checkpoint = runs["pt"] / "checkpoint-2"
+    with safe_open(checkpoint / "adapter_model.safetensors", "pt") as f:
+        assert any(".original_module." in k for k in f.keys())
+    from_checkpoint = merge_to_hf(small_base_random, [checkpoint], tmp_path / "from-checkpoint")
+    with safe_open(from_checkpoint / "model.safetensors", "pt") as ours, \
+            safe_open(runs["merged"] / "model.safetensors", "pt") as want:
+        assert sorted(ours.keys()) == sorted(want.keys())
+        for key in want.keys():
+            assert ours.get_tensor(key).equal(want.get_tensor(key)), key

@@ -28,6 +28,7 @@ from loraforge.export.shards import Shard
 
 _PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+_WRAPPED = re.compile(r"\.modules_to_save(?:\.[^.]+)?\.(?=weight$|bias$)")  # X.modules_to_save[.default].weight
 EMBEDDING_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
 
 
@@ -85,6 +86,11 @@ def read_adapter(path: Path) -> Adapter:
         match = _LORA_KEY.match(name)
         if match:
             pairs.setdefault(match["module"] + ".weight", {})[match["which"]] = key
+        elif ".original_module." in name:
+            continue  # the untrained copy of a modules_to_save layer (checkpoints of a resized run carry it)
+        elif ".modules_to_save." in name:
+            # the trained copy under its wrapper's name; the plain name, when also saved, is the same tensor
+            adapter.full.setdefault(_WRAPPED.sub(".", name), key)
         else:
             adapter.full[name] = key
     for name, pair in pairs.items():
