@@ -14,7 +14,8 @@ from loraforge.data.records import Turn
 from loraforge.data.templates import Template, render_prompt
 
 
-def load_gguf(path: Path, n_ctx: int = 1024):
+def load_gguf(path: Path, n_ctx: int = 0):
+    """n_ctx 0: the context the model was trained with (more makes llama.cpp warn of overflow)."""
     import llama_cpp
 
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
