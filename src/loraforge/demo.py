@@ -113,7 +113,10 @@ def main() -> None:
     served = serve_once(gguf_path, shown[0][0])
     where = gguf_path.relative_to(Path.cwd()) if gguf_path.is_relative_to(Path.cwd()) else gguf_path
     print(f"\nloraforge serve, asked through the openai client: 问：{shown[0][0][:40]}\n      答：{served[:60]}\n"
-          f"serve it with the chat page: loraforge serve {where}  →  http://127.0.0.1:8000/")
+          f"serve it with the chat page: loraforge serve {where}  →  http://127.0.0.1:8000/\n"
+          f"or chat in the terminal:       loraforge chat {where} --temperature 0\n"
+          "(a model this small answers its trained questions greedily; sampled answers wander — set the "
+          "page's temperature to 0 too)")
     summary = {"pt_base": str(base), "sft_loss_first": round(result.first_loss, 3),
                "sft_loss_last": round(result.last_loss, 3), "exact_answers": f"{len(exact)}/{len(rows)}",
                "gguf": str(gguf_path), "gguf_same_as_trained": f"{same}/3", "q4_k_m_same_as_trained": f"{same_q4}/3",
