@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from loraforge.errors import LoraforgeError
+from loraforge.infer.engine import encode_prompt, starts_with_bos
 from loraforge.outputs import write_text
 
 PROBES = ["春天来了，公园里的花都开了。", "Hello world, this is a test.", "混合 English 和中文 2024年 GPU",
@@ -191,20 +192,11 @@ def _greedy_gguf(llm, ids: list[int], n: int, stop: set[int]) -> list[int]:
     return got
 
 
-def _starts_with_bos(tokenizer, text: str) -> bool:
-    # a template that writes BOS itself (Llama-3's): the tokenizer must not add a second one
-    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
-
-
-def _hf_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=not _starts_with_bos(tokenizer, text))
-
-
 def _tokenization(llm, tokenizer, texts: list[str]) -> list[dict]:
     rows = []
     for text in texts:
-        ours = llm.tokenize(text.encode("utf-8"), add_bos=not _starts_with_bos(tokenizer, text), special=True)
-        theirs = _hf_ids(tokenizer, text)
+        ours = llm.tokenize(text.encode("utf-8"), add_bos=not starts_with_bos(tokenizer, text), special=True)
+        theirs = encode_prompt(tokenizer, text)
         row = {"text": text, "match": ours == theirs, "tokens": len(theirs)}
         if ours != theirs:
             at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
@@ -290,7 +282,7 @@ def verify_export(gguf_path: Path, base_dir: Path, adapter_dirs: list[Path], rep
     rendered = _template_prompts(tokenizer)
     # (label, text): three probes and the chat prompts (the bare questions if there is no template)
     cases = [(t, t) for t in PROBES[:3]] + ([(f"[chat] {q}", t) for q, t in rendered] or [(p, p) for p in PROMPTS])
-    longest = max(len(_hf_ids(tokenizer, t)) for t in PROBES + [t for _, t in cases])
+    longest = max(len(encode_prompt(tokenizer, t)) for t in PROBES + [t for _, t in cases])
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=longest + GENERATED_TOKENS + 8, logits_all=True,
                           n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -332,12 +324,12 @@ def _compare(llm, model, tokenizer, cases: list[tuple[str, str]]) -> dict:
     logits, generation = [], []
     with tqdm(total=len(cases) + 2 * len(generate), desc="verify", unit="check") as progress:
         for label, text in cases:
-            ids = _hf_ids(tokenizer, text)
+            ids = encode_prompt(tokenizer, text)
             logits.append({"label": label, "text": text,
                            **compare_logits(_gguf_logits(llm, ids), _hf_logits(model, ids))})
             progress.update()
         for label, text in generate:
-            ids = _hf_ids(tokenizer, text)
+            ids = encode_prompt(tokenizer, text)
             hf = _greedy_hf(model, ids, GENERATED_TOKENS, stop)
             progress.update()
             ours = _greedy_gguf(llm, ids, GENERATED_TOKENS, stop)

@@ -184,14 +184,22 @@ def template_stop_strings(chat_template: str | None, override: str | None = None
     return tuple(m for m in _KNOWN_END_MARKERS if m in (chat_template or ""))
 
 
+def starts_with_bos(tokenizer, text: str) -> bool:
+    """A template that writes BOS itself (Llama-3's): the tokenizer must not add a second one."""
+    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A rendered prompt's ids through a transformers tokenizer, with exactly one BOS where it adds one."""
+    return tokenizer.encode(text, add_special_tokens=not starts_with_bos(tokenizer, text))
+
+
 class TokenizerPrompts:
     """`tokenize` and `render` for engines that hold a transformers tokenizer (`tokenizer`,
     `bos_token`, `eos_token`, `chat_template` attributes): the hf and vLLM engines."""
 
     def tokenize(self, text: str) -> list[int]:
-        # a template that writes BOS itself (Llama-3's): the tokenizer must not add a second one
-        starts_with_bos = bool(self.bos_token) and text.startswith(self.bos_token)
-        return self.tokenizer.encode(text, add_special_tokens=not starts_with_bos)
+        return encode_prompt(self.tokenizer, text)
 
     def render(self, messages) -> str:
         return render_chat(self.chat_template, messages, self.bos_token, self.eos_token)
