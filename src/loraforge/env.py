@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from importlib import metadata
 
@@ -9,6 +10,13 @@ from loraforge import __version__
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "sentencepiece",
             "safetensors", "llama-cpp-python", "bitsandbytes", "deepspeed")
+
+
+def usable_cpus() -> int:
+    # A container or `taskset` may allow fewer CPUs than the machine has.
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def package_version(name: str) -> str | None:

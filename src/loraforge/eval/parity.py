@@ -17,13 +17,13 @@ raises `ParityFailed` after writing it, so `loraforge export gguf --verify` exit
 from __future__ import annotations
 
 import json
-import os
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from loraforge.env import usable_cpus
 from loraforge.errors import LoraforgeError
 from loraforge.infer.engine import encode_prompt, starts_with_bos
 from loraforge.outputs import write_text
@@ -251,17 +251,11 @@ def _aggregate(logits: list[dict]) -> dict:
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     from loraforge import __version__
+    from loraforge.env import package_version
 
-    found = {"loraforge": __version__}
-    for package in ("llama_cpp_python", "transformers", "peft", "torch", "gguf"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = None
-    return found
+    return {"loraforge": __version__, **{package: package_version(package) for package in
+                                         ("llama_cpp_python", "transformers", "peft", "torch", "gguf")}}
 
 
 def _write_json(report: dict, path: Path) -> None:
@@ -283,7 +277,7 @@ def verify_export(gguf_path: Path, base_dir: Path, adapter_dirs: list[Path], rep
     # (label, text): three probes and the chat prompts (the bare questions if there is no template)
     cases = [(t, t) for t in PROBES[:3]] + ([(f"[chat] {q}", t) for q, t in rendered] or [(p, p) for p in PROMPTS])
     longest = max(len(encode_prompt(tokenizer, t)) for t in PROBES + [t for _, t in cases])
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = usable_cpus()
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=longest + GENERATED_TOKENS + 8, logits_all=True,
                           n_threads=threads, n_threads_batch=threads, verbose=False)
     try:

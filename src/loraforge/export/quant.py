@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from enum import IntEnum
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loraforge.env import usable_cpus
 from loraforge.errors import LoraforgeError
 
 
@@ -228,13 +228,6 @@ def _as_imatrix(imatrix: np.ndarray | None, t: GGMLType, n_per_row: int, name: s
     return imatrix
 
 
-def _usable_cpus() -> int:
-    # A container or `taskset` may allow fewer CPUs than the machine has.
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def _row_ranges(n_rows: int, threads: int) -> list[tuple[int, int]]:
     """`threads` contiguous, near-equal row ranges covering [0, n_rows)."""
     n = max(1, min(threads, n_rows))
@@ -265,7 +258,7 @@ def quantize(
     imatrix = _as_imatrix(imatrix, t, n_per_row, name)
     if threads is not None and threads < 1:
         raise LoraforgeError(f"{name}: threads={threads}; use 1 or more")
-    threads = threads or _usable_cpus()
+    threads = threads or usable_cpus()
     size = row_bytes(t, n_per_row)
     out = np.empty(n_rows * size, dtype=np.uint8)
     if t not in ggml.initialized:

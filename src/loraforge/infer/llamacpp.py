@@ -12,6 +12,7 @@ from pathlib import Path
 
 from loraforge.data.records import Turn
 from loraforge.data.templates import Template, render_prompt
+from loraforge.env import usable_cpus
 
 
 def load_gguf(path: Path, n_ctx: int = 0):
@@ -33,12 +34,6 @@ def greedy_answer_gguf(llm, template: Template, question: str, system: str | Non
 
 
 # ---------------------------------------------------------------- the llama.cpp engine
-
-
-def _threads() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class LlamaCppEngine:
@@ -66,7 +61,7 @@ class LlamaCppEngine:
         if lora and not Path(lora).is_file():
             raise LoraforgeError(f"{lora}: no such llama.cpp adapter file (write one with loraforge export lora-gguf)")
         self.model_name = ref.name
-        threads = _threads()
+        threads = usable_cpus()
         try:
             self.llm = llama_cpp.Llama(model_path=str(ref.path), n_ctx=n_ctx or 0, n_threads=threads,
                                        n_threads_batch=threads, n_gpu_layers=-1, lora_path=lora, verbose=False)

@@ -8,8 +8,9 @@ common one: penalties → top-k → typical → top-p → min-p → temperature 
 
 from __future__ import annotations
 
-import codecs
 from dataclasses import dataclass, field
+
+from loraforge.infer.engine import ByteText, StopFilter
 
 PENALTY_LAST_N = 64  # tokens the repetition penalties look back over (llama.cpp's default)
 
@@ -61,42 +62,24 @@ def sampler_chain(lib, params: SamplingParams, n_vocab: int):
 class TextStream:
     """Token bytes in, text out: whole UTF-8 characters only (a Chinese character is often
     split over two or three byte-level tokens), and never a prefix of a stop string that
-    may still complete — the client must not see the start of a stop sequence."""
+    may still complete — the client must not see the start of a stop sequence. The same
+    two rules as the chat engines' (`ByteText`, `StopFilter`)."""
 
     def __init__(self, stop: tuple[str, ...]):
-        self.stop = tuple(s for s in stop if s)
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text = ""  # everything generated so far (up to a stop string, once found)
-        self.sent = 0  # how much of `text` has been handed out
+        self._bytes = ByteText()
+        self._stops = StopFilter(stop)
         self.stopped = False
 
     def push(self, data: bytes) -> str:
         """Add a token's bytes; return the text that is now safe to send."""
-        self.text += self._decoder.decode(data)
-        return self._release()
+        if self.stopped:
+            return ""
+        text, self.stopped = self._stops.push(self._bytes(data))
+        return text
 
     def finish(self) -> str:
         """The end of generation: flush what was held back (a stop prefix is just text now)."""
-        if not self.stopped:
-            self.text += self._decoder.decode(b"", final=True)
-        out = self.text[self.sent:]
-        self.sent = len(self.text)
-        return out
-
-    def _release(self) -> str:
-        if not self.stop:
-            return self._take(len(self.text))
-        # A stop string can only start at or after `sent`: anything earlier that could have
-        # begun one was held back until it could not.
-        found = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
-        if found:
-            self.text = self.text[:min(found)]
-            self.stopped = True
-            return self._take(len(self.text))
-        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        return self._take(len(self.text) - hold)
-
-    def _take(self, end: int) -> str:
-        out = self.text[self.sent:end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return out
+        if self.stopped:
+            return ""
+        text, self.stopped = self._stops.push(self._bytes.flush())
+        return text + ("" if self.stopped else self._stops.flush())
