@@ -109,16 +109,16 @@ def model_config(shape: TinyShape, vocab_size: int):
 
 def build_tiny_model(tokenizer_dir: Path, out_dir: Path, shape: TinyShape = TinyShape(), seed: int = 0) -> Path:
     """A randomly initialised model sized to the tokenizer, saved with it in HF layout."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    from loraforge.tokenizer import load_tokenizer, save_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
     torch.manual_seed(seed)
     config = model_config(shape, len(tokenizer))
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    if (tokenizer_dir / "tokenizer.model").exists():
-        shutil.copy(tokenizer_dir / "tokenizer.model", out_dir / "tokenizer.model")
+    save_tokenizer(tokenizer, out_dir)
     return out_dir

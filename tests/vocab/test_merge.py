@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from loraforge.cli import main
 from loraforge.errors import LoraforgeError
+from loraforge.tokenizer import load_tokenizer
 from loraforge.vocab.merge import merge_vocab
 from loraforge.vocab.spm import id_mismatches
 
@@ -24,32 +25,41 @@ def _proto(path):
     return proto
 
 
-def test_pieces_appended_in_order_without_duplicates(small_base_tokenizer, zh_model, extended_tokenizer):
+@pytest.mark.parametrize("scheme", ["chinese-llama", "ranked"])
+def test_pieces_appended_in_order_without_duplicates(small_base_tokenizer, zh_model, scheme, tmp_path):
+    out = merge_vocab(small_base_tokenizer, zh_model, tmp_path / "tok", scheme=scheme).out_dir
     base, add = _proto(small_base_tokenizer / "tokenizer.model"), _proto(zh_model)
-    merged = _proto(extended_tokenizer / "tokenizer.model")
+    merged = _proto(out / "tokenizer.model")
     n = len(base.pieces)
     assert [(p.piece, p.type, p.score) for p in merged.pieces[:n]] == [(p.piece, p.type, p.score) for p in base.pieces]
     base_set = {p.piece for p in base.pieces}
     expected_new = [p.piece for p in add.pieces if p.type == 1 and p.piece not in base_set]
     assert [p.piece for p in merged.pieces[n:]] == expected_new
     assert len({p.piece for p in merged.pieces}) == len(merged.pieces)
-    # strictly decreasing scores below the base: a piece's id is its merge rank in all three tokenizers
     scores = [p.score for p in merged.pieces[n:]]
-    assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
-    assert max(scores) < min(p.score for p in base.pieces if p.type == 1)
+    if scheme == "chinese-llama":
+        assert set(scores) == {0.0}  # Chinese-LLaMA's merge_tokenizers.py
+    else:  # strictly decreasing below the base: a piece's id is its merge rank in all three tokenizers
+        assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
+        assert max(scores) < min(p.score for p in base.pieces if p.type == 1)
     assert merged.normalizer_spec == base.normalizer_spec
 
 
-def test_tokenizer_files_agree_with_sentencepiece(extended_tokenizer):
-    tokenizer = AutoTokenizer.from_pretrained(extended_tokenizer)
-    sp = spm.SentencePieceProcessor(model_file=str(extended_tokenizer / "tokenizer.model"))
-    assert len(tokenizer) == sp.get_piece_size()
+@pytest.mark.parametrize("scheme", ["chinese-llama", "ranked"])
+def test_tokenizer_files_agree_with_sentencepiece(small_base_tokenizer, zh_model, scheme, tmp_path):
+    out = merge_vocab(small_base_tokenizer, zh_model, tmp_path / "tok", scheme=scheme).out_dir
+    ours = load_tokenizer(out)  # what loraforge trains with: sentencepiece's ids, whatever the scheme
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    assert len(ours) == sp.get_piece_size()
     held_out = (DATA_DIR / "zh_heldout.txt").read_text(encoding="utf-8").splitlines()
-    assert id_mismatches(extended_tokenizer / "tokenizer.model", tokenizer, held_out) == []
-    config = json.loads((extended_tokenizer / "tokenizer_config.json").read_text())
+    assert id_mismatches(out / "tokenizer.model", ours, held_out) == []
+    plain = AutoTokenizer.from_pretrained(out)  # what plain transformers users get: exact when ranked
+    mismatched = len(id_mismatches(out / "tokenizer.model", plain, held_out))
+    assert mismatched == 0 if scheme == "ranked" else mismatched < len(held_out) / 2
+    config = json.loads((out / "tokenizer_config.json").read_text())
     assert (config["bos_token"], config["eos_token"], config["unk_token"], config["pad_token"]) == \
         ("<s>", "</s>", "<unk>", None)
-    assert tokenizer("你好").input_ids[0] == 1  # BOS still added
+    assert ours("你好").input_ids[0] == plain("你好").input_ids[0] == 1  # BOS still added
 
 
 def test_pad_token_goes_after_the_pieces(small_base_tokenizer, zh_model, tmp_path, capsys):
@@ -92,8 +102,10 @@ def test_refusals(small_base_tokenizer, zh_model, bpe_tokenizers, tmp_path):
     from loraforge.vocab.train import train_vocab
 
     train_vocab([DATA_DIR / "zh_corpus.txt"], unigram, 2600, "unigram")
-    with pytest.raises(LoraforgeError, match="unigram model but the base .* is bpe.*--model-type bpe"):
-        merge_vocab(small_base_tokenizer, unigram, tmp_path / "e")
+    with pytest.raises(LoraforgeError, match="bpe model but the base .* is unigram.*--model-type unigram"):
+        merge_vocab(unigram, small_base_tokenizer / "tokenizer.model", tmp_path / "e")
+    with pytest.raises(LoraforgeError, match="--scheme rank: choose one of chinese-llama, ranked"):
+        merge_vocab(small_base_tokenizer, zh_model, tmp_path / "f", scheme="rank")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["padded_base", "uni.model", "uni.vocab"]
 
 

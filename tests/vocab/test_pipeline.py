@@ -8,13 +8,13 @@ import json
 import pytest
 import sentencepiece as spm
 from safetensors import safe_open
-from transformers import PreTrainedTokenizerFast
 
 from loraforge.config import load_config
 from loraforge.errors import LoraforgeError
 from loraforge.eval.parity import PROBES
 from loraforge.export.gguf_writer import export_gguf
 from loraforge.export.hf import merge_to_hf
+from loraforge.tokenizer import load_tokenizer
 from loraforge.train.run import train
 from loraforge.vocab.merge import merge_vocab
 from loraforge.vocab.resize import resize_model
@@ -61,7 +61,7 @@ def runs(small_base_random, extended_tokenizer, zh_model, tmp_path_factory):
 
 @pytest.mark.slow
 def test_pt_run_resizes_and_trains_the_embeddings(runs, extended_tokenizer, capfd):
-    n = len(PreTrainedTokenizerFast.from_pretrained(extended_tokenizer))
+    n = len(load_tokenizer(extended_tokenizer))
     rows = _adapter_rows(runs["pt"])
     assert rows and set(rows.values()) == {n}, rows
     saved = (runs["pt"] / "loraforge.yaml").read_text()
@@ -71,13 +71,13 @@ def test_pt_run_resizes_and_trains_the_embeddings(runs, extended_tokenizer, capf
 
 
 @pytest.mark.slow
-def test_gguf_carries_the_extended_vocabulary_and_all_three_tokenizers_agree(runs, small_base_random, tmp_path):
+def test_gguf_carries_the_extended_vocabulary_and_training_llama_cpp_and_sentencepiece_agree(runs, small_base_random, tmp_path):
     import llama_cpp
 
     out = export_gguf(small_base_random, [runs["pt"], runs["sft"]], tmp_path / "zh.gguf", "f16")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(runs["sft"])
+    tokenizer = load_tokenizer(runs["sft"])  # what training used: sentencepiece's ids
     n = len(tokenizer)
-    assert n == len(PreTrainedTokenizerFast.from_pretrained(runs["pt"])) + 1 and tokenizer.pad_token == "[PAD]"
+    assert n == len(load_tokenizer(runs["pt"])) + 1 and tokenizer.pad_token == "[PAD]"
     llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
     assert llm.n_vocab() == n
     import gguf
@@ -100,7 +100,7 @@ def test_gguf_carries_the_extended_vocabulary_and_all_three_tokenizers_agree(run
 
 @pytest.mark.slow
 def test_reversed_adapter_order_is_caught(runs, small_base_random, tmp_path):
-    n = len(PreTrainedTokenizerFast.from_pretrained(runs["pt"]))
+    n = len(load_tokenizer(runs["pt"]))
     with pytest.raises(LoraforgeError, match=rf"adapter 2 .* has vocab {n} < adapter 1's {n + 1} .* wrong order"):
         export_gguf(small_base_random, [runs["sft"], runs["pt"]], tmp_path / "x.gguf", "f16")
     assert not list(tmp_path.iterdir())
@@ -109,7 +109,7 @@ def test_reversed_adapter_order_is_caught(runs, small_base_random, tmp_path):
 @pytest.mark.slow
 def test_wrong_tokenizer_for_the_model_is_caught(runs, small_base_random, small_base_tokenizer, extended_tokenizer,
                                                tmp_path):
-    n_pad = len(PreTrainedTokenizerFast.from_pretrained(runs["with_pad"]))
+    n_pad = len(load_tokenizer(runs["with_pad"]))
     # the original 1500-piece tokenizer on the extended model: ids would mean other tokens
     with pytest.raises(LoraforgeError, match=rf"has 1500 tokens but model.path=.* carries its own {n_pad}-token"):
         train(_config("sft", runs["merged_pad"], tmp_path / "a", f"model.tokenizer={small_base_tokenizer}",
@@ -149,7 +149,7 @@ def test_adapter_tokenizer_that_does_not_fit_the_chain_is_caught(runs, small_bas
                                                                  tmp_path):
     from conftest import random_adapter
 
-    n = len(PreTrainedTokenizerFast.from_pretrained(runs["pt"]))
+    n = len(load_tokenizer(runs["pt"]))
     # sft trained with the base's 1500-token tokenizer on top of the pt run's extended vocabulary
     old = _with_tokenizer_of(runs["sft"], small_base_tokenizer, tmp_path / "sft-old-tokenizer")
     with pytest.raises(LoraforgeError, match=rf"adapter 2 .* 1500-token tokenizer, adapter 1 .* {n}-token one.*"

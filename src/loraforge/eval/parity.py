@@ -25,12 +25,15 @@ import numpy as np
 
 from loraforge.env import usable_cpus
 from loraforge.errors import LoraforgeError
-from loraforge.infer.engine import encode_prompt, starts_with_bos
 from loraforge.outputs import write_text
+from loraforge.tokenizer import encode_prompt, load_chain_tokenizer, starts_with_bos
 
 PROBES = ["春天来了，公园里的花都开了。", "Hello world, this is a test.", "混合 English 和中文 2024年 GPU",
           "全角标点：，。！？：“引号”（括号）", "数字 1234567890 和  两个空格", "第一行\n第二行\n\n空行",
           "表情 🙂🚀 结束", "  leading spaces and trailing  ", "Tab\tand 〜 rare 龘 characters"]
+# compared token for token only: runs of spaces and tabs (code, tables), text after a special token
+TOKENIZER_PROBES = ["def f(x):\n    if x:\n        return x\n\treturn None", "| 列 | 值 |\n|----|----|\n|  a |  1 |",
+                    "a" + " " * 20 + "b", "   ", "\n\n\n", "答</s>后面的文字", " Hello World!", "' era 3333 🦙.cpp"]
 PROMPTS = ["请用一句话介绍一下长城。", "What is machine learning? Answer briefly.", "把这句话翻译成英文：今天天气很好。"]
 GENERATED_TOKENS = 24
 # top-1 is judged where transformers' best token leads the second by more than this many
@@ -127,29 +130,6 @@ def reference_model(base_dir: Path, adapter_dirs: list[Path]):
         if index < len(adapter_dirs) - 1:
             model = model.merge_and_unload()
     return model.eval()
-
-
-def reference_tokenizer(folder: Path):
-    """The tokenizer the model was trained with: tokenizer.json as written (AutoTokenizer would
-    rebuild some, Qwen2's, from their class and cut text otherwise), or for a folder with only a
-    tokenizer.model (Chinese-LLaMA's releases) loraforge's exact SentencePiece conversion."""
-    from transformers import PreTrainedTokenizerFast
-
-    from loraforge.export.vocab_meta import chat_template_of
-    from loraforge.vocab.spm import hf_tokenizer_from_spm, load_proto
-
-    if (folder / "tokenizer.json").exists():
-        return PreTrainedTokenizerFast.from_pretrained(folder)
-    model_file = folder / "tokenizer.model"
-    if not model_file.exists():
-        raise LoraforgeError(f"{folder}: no tokenizer.json or tokenizer.model to compare llama.cpp's token ids "
-                             "with — the tokenizer comes from the last adapter that has one, else the base")
-    proto = load_proto(model_file)
-    special = {f"{name}_token": proto.pieces[index].piece
-               for name, index in (("bos", proto.trainer_spec.bos_id), ("eos", proto.trainer_spec.eos_id),
-                                   ("unk", proto.trainer_spec.unk_id)) if 0 <= index < len(proto.pieces)}
-    return PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer_from_spm(model_file),
-                                   chat_template=chat_template_of(folder), **special)
 
 
 def _hf_logits(model, ids: list[int]) -> np.ndarray:
@@ -267,16 +247,17 @@ def verify_export(gguf_path: Path, base_dir: Path, adapter_dirs: list[Path], rep
     `report_path` (JSON) and return the report, or raise ParityFailed after writing it."""
     import llama_cpp
 
-    from loraforge.export.weights import read_adapter, tokenizer_source
+    from loraforge.tokenizer import chain_tokenizer_dir
 
     gguf_path, base_dir, report_path = Path(gguf_path), Path(base_dir), Path(report_path)
     adapter_dirs = [Path(a) for a in adapter_dirs]
-    source = tokenizer_source(base_dir, [read_adapter(a) for a in adapter_dirs])
-    tokenizer = reference_tokenizer(source)
+    # the tokenizer training used, loaded as training loads it: llama.cpp's ids must be its ids
+    source = chain_tokenizer_dir(base_dir, adapter_dirs)
+    tokenizer = load_chain_tokenizer(base_dir, adapter_dirs)
     rendered = _template_prompts(tokenizer)
     # (label, text): three probes and the chat prompts (the bare questions if there is no template)
     cases = [(t, t) for t in PROBES[:3]] + ([(f"[chat] {q}", t) for q, t in rendered] or [(p, p) for p in PROMPTS])
-    longest = max(len(encode_prompt(tokenizer, t)) for t in PROBES + [t for _, t in cases])
+    longest = max(len(encode_prompt(tokenizer, t)) for t in PROBES + TOKENIZER_PROBES + [t for _, t in cases])
     threads = usable_cpus()
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=longest + GENERATED_TOKENS + 8, logits_all=True,
                           n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -295,7 +276,7 @@ def verify_export(gguf_path: Path, base_dir: Path, adapter_dirs: list[Path], rep
         if vocab[0] != vocab[1]:
             report.update(verdict="FAIL", problems=[f"the GGUF has {vocab[0]} tokens, base + adapters {vocab[1]}"])
             _fail(report, report_path)
-        report["tokenization"] = _tokenization(llm, tokenizer, PROBES + [t for _, t in rendered[:1]])
+        report["tokenization"] = _tokenization(llm, tokenizer, PROBES + TOKENIZER_PROBES + [t for _, t in rendered])
         report.update(_compare(llm, model, tokenizer, cases))
     finally:
         llm.close()

@@ -12,13 +12,16 @@ would index past it: refused.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from loraforge.errors import LoraforgeError
 from loraforge.vocab.spm import load_proto
 
 # sentencepiece piece types equal gguf's TokenType values (1 normal … 6 byte)
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
 
 def chat_template_of(folder: Path) -> str | None:
@@ -43,17 +46,62 @@ def _added_tokens(folder: Path) -> dict[int, tuple[str, bool]]:
     return {t["id"]: (t["content"], t.get("special", False)) for t in added}
 
 
-def add_tokenizer(writer, folder: Path, embed_rows: int) -> None:
-    model_file = folder / "tokenizer.model"
-    if not model_file.exists():
-        if (folder / "tokenizer.json").exists():
-            return add_bpe_tokenizer(writer, folder, embed_rows)
-        raise LoraforgeError(f"{folder}: neither tokenizer.model (SentencePiece) nor tokenizer.json (byte-level BPE) "
-                             "— copy the base model's tokenizer files into it")
+def add_tokenizer(writer, folder: Path, embed_rows: int, fallbacks: Sequence[Path] = ()) -> None:
+    """The vocabulary the tokenizer module loads for `folder` (`fallbacks`: the chain's other folders,
+    whose tokenizer.model stands in for a tokenizer.json-only adapter with the same vocabulary)."""
+    from loraforge.tokenizer import find_sentencepiece, is_llama_spm_pipeline
+
+    model_file = find_sentencepiece(folder, fallbacks)
+    if model_file is None:
+        if not (folder / "tokenizer.json").exists():
+            raise LoraforgeError(f"{folder}: neither tokenizer.model (SentencePiece) nor tokenizer.json "
+                                 "— copy the base model's tokenizer files into it")
+        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        if is_llama_spm_pipeline(spec):
+            return _add_llama_vocab(writer, folder, embed_rows, *_pieces_of_tokenizer_json(folder, spec),
+                                    add_space_prefix=True)
+        return add_bpe_tokenizer(writer, folder, embed_rows)
     proto = load_proto(model_file)
-    tokens = [p.piece.encode("utf-8") for p in proto.pieces]
-    scores = [p.score for p in proto.pieces]
-    types = [p.type for p in proto.pieces]
+    _add_llama_vocab(writer, folder, embed_rows, [p.piece for p in proto.pieces], [p.score for p in proto.pieces],
+                     [p.type for p in proto.pieces], add_space_prefix=bool(proto.normalizer_spec.add_dummy_prefix),
+                     pad_id=proto.trainer_spec.pad_id)
+
+
+def _pieces_of_tokenizer_json(folder: Path, spec: dict) -> tuple[list[str], list[float], list[int]]:
+    """A LLaMA-style tokenizer.json (no tokenizer.model, e.g. written by another tool under
+    transformers 5) as SentencePiece pieces: llama.cpp merges by piece score, so each piece
+    scores minus the rank of the first merge that makes it — the same order as the merge list."""
+    model = spec["model"]
+    vocab = model.get("vocab") or {}
+    by_id = {i: piece for piece, i in vocab.items()}
+    if sorted(by_id) != list(range(len(by_id))):
+        raise LoraforgeError(f"{folder}/tokenizer.json: vocabulary ids are not 0…{len(by_id) - 1} without gaps")
+    first_merge: dict[str, int] = {}
+    for rank, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        first_merge.setdefault(left + right, rank)
+    unk = model.get("unk_token")
+    special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+    pieces, scores, types = [], [], []
+    for index in range(len(by_id)):
+        piece = by_id[index]
+        pieces.append(piece)
+        scores.append(-float(first_merge[piece]) if piece in first_merge else 0.0)
+        if piece == unk:
+            types.append(UNKNOWN)
+        elif piece in special:
+            types.append(CONTROL)
+        elif _BYTE_PIECE.fullmatch(piece):
+            types.append(BYTE)
+        else:
+            types.append(NORMAL)
+    return pieces, scores, types
+
+
+def _add_llama_vocab(writer, folder: Path, embed_rows: int, pieces: list[str], scores: list[float],
+                     types: list[int], add_space_prefix: bool, pad_id: int = -1) -> None:
+    tokens = [p.encode("utf-8") for p in pieces]
+    scores, types = list(scores), list(types)
     for token_id, (content, special) in sorted(_added_tokens(folder).items()):
         if token_id < len(tokens):
             continue  # <unk>, <s>, </s>: already pieces of the model
@@ -75,7 +123,6 @@ def add_tokenizer(writer, folder: Path, embed_rows: int) -> None:
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    spec = proto.trainer_spec
     vocab = {t: i for i, t in enumerate(tokens)}
     config = _tokenizer_config(folder)
     for key, setter in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
@@ -85,11 +132,11 @@ def add_tokenizer(writer, folder: Path, embed_rows: int) -> None:
             content = content.get("content")
         if content and content.encode() in vocab:
             setter(vocab[content.encode()])
-    if config.get("pad_token") is None and spec.pad_id >= 0:
-        writer.add_pad_token_id(spec.pad_id)
+    if config.get("pad_token") is None and pad_id >= 0:
+        writer.add_pad_token_id(pad_id)
     writer.add_add_bos_token(bool(config.get("add_bos_token", True)))
     writer.add_add_eos_token(bool(config.get("add_eos_token", False)))
-    writer.add_add_space_prefix(bool(proto.normalizer_spec.add_dummy_prefix))
+    writer.add_add_space_prefix(add_space_prefix)
     template = chat_template_of(folder)
     if template:
         writer.add_chat_template(template)

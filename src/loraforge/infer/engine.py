@@ -21,6 +21,7 @@ from typing import Literal, Protocol, runtime_checkable
 from loraforge.data.records import Turn
 from loraforge.data.templates import get_template, render_prompt, template_name_in
 from loraforge.errors import LoraforgeError
+from loraforge.tokenizer import encode_prompt
 
 FinishReason = Literal["stop", "length"]
 Messages = list[dict]
@@ -182,16 +183,6 @@ def template_stop_strings(chat_template: str | None, override: str | None = None
     if name is not None:
         return get_template(name).stop_strings
     return tuple(m for m in _KNOWN_END_MARKERS if m in (chat_template or ""))
-
-
-def starts_with_bos(tokenizer, text: str) -> bool:
-    """A template that writes BOS itself (Llama-3's): the tokenizer must not add a second one."""
-    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """A rendered prompt's ids through a transformers tokenizer, with exactly one BOS where it adds one."""
-    return tokenizer.encode(text, add_special_tokens=not starts_with_bos(tokenizer, text))
 
 
 class TokenizerPrompts:

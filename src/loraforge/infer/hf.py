@@ -19,6 +19,7 @@ from loraforge.data.templates import Template, get_template, render_prompt
 from loraforge.data.tokenize import continuation_ids
 from loraforge.errors import LoraforgeError
 from loraforge.infer.engine import TokenizerPrompts
+from loraforge.tokenizer import is_sentencepiece, load_chain_tokenizer, load_tokenizer
 
 
 def template_of(run_dir: Path) -> Template:
@@ -33,18 +34,19 @@ def template_of(run_dir: Path) -> Template:
 
 def load_model(path: Path):
     """A model dir, or an adapter dir whose adapter_config.json names its base."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     adapter_cfg = path / "adapter_config.json"
-    tokenizer = AutoTokenizer.from_pretrained(path)
     if adapter_cfg.exists():
         from peft import PeftModel
 
         base = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+        tokenizer = load_chain_tokenizer(Path(base), [path])
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         model = PeftModel.from_pretrained(model, path)
     else:
+        tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
     return model, tokenizer
@@ -175,7 +177,8 @@ def token_bytes(tokenizer):
     no UTF-8 becomes one U+FFFD per byte in tokenizers' ByteFallback, one per invalid run in
     Python and llama.cpp — and greedy text must be the same in both engines.
     """
-    decoder = json.dumps(json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder"), ensure_ascii=False)
+    decoder = "▁" if is_sentencepiece(tokenizer) else \
+        json.dumps(json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder"), ensure_ascii=False)
     special = set(tokenizer.all_special_ids)
     added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
     pieces = tokenizer.convert_ids_to_tokens
@@ -227,7 +230,6 @@ class HFEngine(TokenizerPrompts):
         from transformers import AutoModelForCausalLM
 
         from loraforge.data.templates import jinja_template
-        from loraforge.eval.parity import reference_tokenizer
         from loraforge.infer.engine import END_OF_GENERATION_TOKENS, template_stop_strings
         from loraforge.models import context_length
 
@@ -239,12 +241,7 @@ class HFEngine(TokenizerPrompts):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.float32 if self.device == "cpu" else (
             torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-        tokenizer_dir = next((a for a in reversed(adapter_dirs) if (a / "tokenizer_config.json").exists()),
-                             ref.tokenizer_dir)
-        if not any((tokenizer_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
-            raise LoraforgeError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model — the tokenizer comes from "
-                                 "the last adapter that has one, else the base model: copy the base's tokenizer there")
-        self.tokenizer = reference_tokenizer(tokenizer_dir)
+        self.tokenizer = load_chain_tokenizer(ref.base_dir, adapter_dirs)
         model = AutoModelForCausalLM.from_pretrained(ref.base_dir, dtype=dtype)
         self.live_prompt_method = False
         for index, adapter in enumerate(adapter_dirs):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from loraforge.data.dataset import build_examples, split_eval
 from loraforge.data.templates import get_template, jinja_template
 from loraforge.data.tokenize import IGNORE
 from loraforge.errors import LoraforgeError
+from loraforge.tokenizer import has_tokenizer, save_tokenizer
+from loraforge.tokenizer import load_tokenizer as load_folder_tokenizer
 from loraforge.train.callbacks import JsonlLogger, plot_loss, read_log
 from loraforge.train.methods import (
     apply_method,
@@ -45,14 +46,11 @@ class RunResult:
 
 
 def load_tokenizer(config: Config):
-    """The tokenizer the run trains with, carrying the template as its chat_template."""
-    from transformers import AutoTokenizer
-
+    """The tokenizer the run trains with (loraforge.tokenizer: sentencepiece's ids for a SentencePiece
+    vocabulary), carrying the template as its chat_template."""
     source = config.model.tokenizer or config.model.path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.model.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise LoraforgeError(f"cannot load a tokenizer from {source} ({exc})") from None
+    tokenizer = load_folder_tokenizer(Path(source), fallbacks=[Path(config.model.path)],
+                                      trust_remote_code=config.model.trust_remote_code)
     tokenizer.chat_template = jinja_template(get_template(config.data.template))
     return tokenizer
 
@@ -150,15 +148,13 @@ def check_vocab_fits(model, tokenizer, config: Config) -> None:
 def _check_own_tokenizer(tokenizer, config: Config, rows: int) -> None:
     """model.tokenizer pointing at a tokenizer other than the one the model dir carries: the classic mix-up
     (LLaMA's 32000-token tokenizer on Chinese-LLaMA's 49953-row model) or another vocabulary of the same size."""
-    if not config.model.tokenizer or not (Path(config.model.path) / "tokenizer_config.json").exists():
+    if not config.model.tokenizer or not has_tokenizer(Path(config.model.path)):
         return
-    from transformers import AutoTokenizer
-
     from loraforge.vocab.resize import check_extends
 
     try:
-        own = AutoTokenizer.from_pretrained(config.model.path)
-    except (OSError, ValueError):
+        own = load_folder_tokenizer(Path(config.model.path))
+    except LoraforgeError:
         return
     if len(own) > len(tokenizer):
         raise LoraforgeError(
@@ -298,11 +294,13 @@ def save_run(trainer, tokenizer, config: Config, output_dir: Path) -> None:
         # (…modules_to_save.weight, …original_module.weight), which merge, export and other
         # loaders of a plain adapter do not expect; the modules_to_save copies are the trained rows
         trainer.model.save_pretrained(str(output_dir), save_embedding_layers=False)
-    tokenizer.save_pretrained(str(output_dir))
-    # a fast tokenizer does not write the SentencePiece model it came from; export and
-    # vocabulary work need it, so the run carries it along
-    spm_model = Path(config.model.tokenizer or config.model.path) / "tokenizer.model"
-    if spm_model.exists():
-        shutil.copy(spm_model, output_dir / "tokenizer.model")
+    # tokenizer.model (when there is one) + tokenizer.json + tokenizer_config.json with the template:
+    # what loraforge, plain transformers and export read back
+    save_tokenizer(tokenizer, output_dir)
     (output_dir / "loraforge.yaml").write_text(dump_config(config), encoding="utf-8")
+    # what this run was trained on (the model's fingerprint, and what it was merged from):
+    # merge and export check adapter chains against it
+    from loraforge.export.chain import write_trained_on
+
+    write_trained_on(Path(config.model.path), output_dir)
     plot_loss(output_dir / LOG_NAME, output_dir / "loss.png", title=f"{config.stage} · {config.method} · {output_dir.name}")

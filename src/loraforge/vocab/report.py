@@ -21,6 +21,7 @@ from pathlib import Path
 
 from loraforge.errors import LoraforgeError
 from loraforge.outputs import new_file, write_text
+from loraforge.tokenizer import is_sentencepiece, load_tokenizer
 
 HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]")
 ENGLISH_WORD = re.compile(r"[A-Za-z]+")
@@ -73,17 +74,10 @@ class VocabReport:
         return data
 
 
-def load_tokenizer(folder: Path):
-    from transformers import PreTrainedTokenizerFast
-
-    folder = Path(folder)
-    if not (folder / "tokenizer.json").exists():
-        raise LoraforgeError(f"{folder}: no tokenizer.json — pass a tokenizer directory (vocab merge writes one)")
-    return PreTrainedTokenizerFast.from_pretrained(folder)
-
-
 def segment(tokenizer, text: str) -> list[tuple[str, str]]:
     """(piece, the text it covers) for each token; byte pieces cover the character they are part of."""
+    if is_sentencepiece(tokenizer):
+        return tokenizer.segment(text)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     pieces = tokenizer.convert_ids_to_tokens(encoded["input_ids"])
     return [(piece, text[start:end]) for piece, (start, end) in zip(pieces, encoded["offset_mapping"])]

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from loraforge.errors import LoraforgeError
-from loraforge.export.hf import TOKENIZER_FILES
 from loraforge.outputs import check_new_dir, new_dir
+from loraforge.tokenizer import copy_tokenizer_files, load_tokenizer
 
 
 @dataclass
@@ -81,13 +80,11 @@ def check_extends(base_tokenizer, new_tokenizer, base_name: str, new_name: str) 
 def grow_embeddings(model, base_dir: Path, new_tokenizer, pad_to: int | None = None,
                     new_name: str = "the new tokenizer") -> Resized:
     """Resize `model` in place to `new_tokenizer` (rows padded to a multiple of `pad_to`)."""
-    from transformers import AutoTokenizer
-
     embed = model.get_input_embeddings()
     old_rows = embed.weight.shape[0]
     try:
-        base_tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    except (OSError, ValueError):
+        base_tokenizer = load_tokenizer(base_dir)
+    except LoraforgeError:
         base_tokenizer = None  # a model without its tokenizer: every new row gets the mean
     if base_tokenizer is not None and len(base_tokenizer) > old_rows:
         base_tokenizer = None  # the dir already holds the larger tokenizer: the model's own is unknown
@@ -130,11 +127,9 @@ def grow_embeddings(model, base_dir: Path, new_tokenizer, pad_to: int | None = N
 
 
 def load_new_tokenizer(tokenizer_dir: Path):
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(tokenizer_dir)
-    except (OSError, ValueError) as exc:
+        return load_tokenizer(tokenizer_dir)
+    except LoraforgeError as exc:
         raise LoraforgeError(f"--tokenizer {tokenizer_dir}: cannot load a tokenizer there ({exc})") from None
 
 
@@ -156,9 +151,7 @@ def resize_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path, pad_to: in
     result = grow_embeddings(model, model_dir, new_tokenizer, pad_to, str(tokenizer_dir))
     with new_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).exists():
-                shutil.copy(tokenizer_dir / name, tmp / name)
+        copy_tokenizer_files(tokenizer_dir, tmp)
         config = json.loads((tmp / "config.json").read_text())
         assert config["vocab_size"] == result.new_rows, config["vocab_size"]
     return result

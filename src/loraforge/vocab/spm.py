@@ -68,11 +68,15 @@ def load_proto(model_file: Path) -> sp_pb2.ModelProto:
 
 
 def _bpe_merges(vocab: dict[str, int], pieces: Iterable) -> list[tuple[str, str]]:
-    """Merges that rebuild every multi-character piece, in piece-score order.
+    """Merges that rebuild every multi-character piece, ranked as sentencepiece would take them.
 
-    SentencePiece BPE applies the highest-scoring merge first; a piece's score orders
-    it. For each piece we list every split into two known pieces, ranked by the
-    piece's own rank, then by the ranks of its halves (what sentencepiece prefers).
+    SentencePiece BPE merges the adjacent pair whose joined piece has the highest *score*, equal
+    scores leftmost first. So: score order, not id order (LLaMA-2 scores its space runs −1e9 but
+    gives them ids 259, 268 …; by id they would merge before `▁t`). Among equal scores a rank
+    list cannot say "leftmost"; ranking the longer left half first reproduces it for runs of one
+    character — `▁`×n builds up from the left, 16 at a time, as in sentencepiece — and is only a
+    best effort elsewhere (score-0 pieces of Chinese-LLaMA's recipe), which is why loraforge
+    itself encodes SentencePiece vocabularies with sentencepiece (`loraforge.tokenizer`).
     """
     merges = []
     for rank, piece in enumerate(pieces):
@@ -82,9 +86,9 @@ def _bpe_merges(vocab: dict[str, int], pieces: Iterable) -> list[tuple[str, str]
         for cut in range(1, len(text)):
             left, right = text[:cut], text[cut:]
             if left in vocab and right in vocab:
-                merges.append((rank, vocab[left], vocab[right], left, right))
+                merges.append((-piece.score, -len(left), rank, vocab[left], left, right))
     merges.sort()
-    return [(left, right) for _, _, _, left, right in merges]
+    return [(left, right) for *_, left, right in merges]
 
 
 def hf_tokenizer_from_spm(model_file: Path) -> Tokenizer:
@@ -137,28 +141,41 @@ def _piece(proto: sp_pb2.ModelProto, index: int) -> str | None:
 
 
 def save_hf_tokenizer(model_file: Path, out_dir: Path, pad_token: str | None = None,
-                      extra_config: dict | None = None) -> None:
-    """Write tokenizer.model + tokenizer.json + tokenizer_config.json into out_dir.
+                      extra_config: dict | None = None, added_tokens: Sequence[tuple[int, str, bool]] = (),
+                      special: dict | None = None) -> None:
+    """Write tokenizer.json + tokenizer_config.json (+ special_tokens_map.json) for `model_file`
+    into out_dir, and tokenizer.model unless it is already there.
 
-    A pad token that is not a piece of the model is added after the last piece (id =
-    number of pieces), as Chinese-Alpaca's `[PAD]` is; `extra_config` keys (a base's
-    chat_template, model_max_length…) are kept in tokenizer_config.json.
+    `added_tokens` (id, content, special) follow the pieces (a pad, chat markers); a pad token that
+    is not a piece is added after them (id = number of pieces), as Chinese-Alpaca's `[PAD]` is;
+    `special` overrides the bos/eos/unk/pad strings; `extra_config` keys (a chat_template,
+    model_max_length…) are kept in tokenizer_config.json.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     proto = load_proto(model_file)
     spec = proto.trainer_spec
     tok = hf_tokenizer_from_spm(model_file)
-    if pad_token and pad_token not in {p.piece for p in proto.pieces}:
+    pieces = {p.piece for p in proto.pieces}
+    for index, content, is_special in sorted(added_tokens):
+        if index != tok.get_vocab_size(with_added_tokens=True):
+            raise LoraforgeError(f"added token {content!r} has id {index}, expected "
+                                 f"{tok.get_vocab_size(with_added_tokens=True)}: the ids have a gap")
+        token = AddedToken(content, special=is_special, normalized=False)
+        if is_special:
+            tok.add_special_tokens([token])
+        else:
+            tok.add_tokens([token])
+    if pad_token and pad_token not in pieces and tok.token_to_id(pad_token) is None:
         tok.add_special_tokens([AddedToken(pad_token, special=True, normalized=False)])
-    data = Path(model_file).read_bytes()
-    (out_dir / "tokenizer.model").write_bytes(data)
+    target = out_dir / "tokenizer.model"
+    if not target.exists() or target.resolve() != Path(model_file).resolve():
+        target.write_bytes(Path(model_file).read_bytes())
     tok.save(str(out_dir / "tokenizer.json"))
+    names = {"bos_token": _piece(proto, spec.bos_id), "eos_token": _piece(proto, spec.eos_id),
+             "unk_token": _piece(proto, spec.unk_id), "pad_token": pad_token, **(special or {})}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # loads tokenizer.json as written; LlamaTokenizer rebuilds its own pipeline
-        "bos_token": _piece(proto, spec.bos_id),
-        "eos_token": _piece(proto, spec.eos_id),
-        "unk_token": _piece(proto, spec.unk_id),
-        "pad_token": pad_token,
+        **names,
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
