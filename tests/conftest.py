@@ -134,3 +134,35 @@ def learned_run(pretrained_llama, tmp_path_factory):
     config = sft_config(pretrained_llama, out, f"data.datasets={data}", "train.epochs=120", "train.lr=5e-3",
                         "lora.r=32", "train.batch_size=8")
     return config, train(config)
+
+
+# Real SentencePiece models (../shared/fixtures/tokenizers: Meta's LLaMA-2 tokenizer.model and
+# Chinese-LLaMA's chinese_sp.model); CI lays shared/ beside the clone as it is here
+REAL_TOKENIZERS = ROOT.parent / "shared" / "fixtures" / "tokenizers"
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers(spm_tokenizer, tmp_path_factory) -> dict[str, Path]:
+    """Tokenizer dirs, table-driven next to the tiny one: LLaMA-2's 32,000 pieces, Chinese-LLaMA's
+    recipe (LLaMA-2 + chinese_sp.model = 49,953 pieces) and a loraforge bpe model merged onto LLaMA-2."""
+    from loraforge.vocab.merge import merge_vocab
+    from loraforge.vocab.spm import save_hf_tokenizer
+    from loraforge.vocab.train import train_vocab
+
+    root = tmp_path_factory.mktemp("real_tokenizers")
+    llama2 = root / "llama2"
+    save_hf_tokenizer(REAL_TOKENIZERS / "llama2.model", llama2)
+    chinese_llama = merge_vocab(llama2, REAL_TOKENIZERS / "chinese_sp.model", root / "chinese-llama").out_dir
+    zh = train_vocab([CORPUS], root / "zh.model", 3000).model_file
+    llama2_zh = merge_vocab(llama2, zh, root / "llama2-zh", scheme="ranked").out_dir
+    return {"tiny": spm_tokenizer, "llama2": llama2, "chinese-llama": chinese_llama, "llama2+zh-ranked": llama2_zh}
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_models(real_tokenizers, tmp_path_factory) -> dict[str, Path]:
+    """A random 32-wide, 1-layer LLaMA on each real tokenizer: enough for engines and GGUF vocabularies."""
+    from loraforge.tiny import TinyShape, build_tiny_model
+
+    shape = TinyShape(hidden=32, layers=1, heads=2, kv_heads=1, ffn=64)
+    return {name: build_tiny_model(folder, tmp_path_factory.mktemp(f"model-{name}"), shape)
+            for name, folder in real_tokenizers.items()}

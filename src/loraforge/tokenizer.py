@@ -311,7 +311,7 @@ def _sentencepiece_class():
             pieces, special = self.sp_model.get_piece_size(), set(self.all_special_ids)
             out, run = [], []
             for token in ids:
-                if token < pieces and not self.sp_model.is_control(token):
+                if token < pieces and not (self.sp_model.is_control(token) or self.sp_model.is_unknown(token)):
                     run.append(token)
                     continue
                 if run:
