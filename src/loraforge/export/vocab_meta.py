@@ -25,11 +25,9 @@ _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
 
 def chat_template_of(folder: Path) -> str | None:
-    config = _tokenizer_config(folder)
-    if config.get("chat_template"):
-        return config["chat_template"]
-    jinja = folder / "chat_template.jinja"
-    return jinja.read_text(encoding="utf-8") if jinja.exists() else None
+    from loraforge.tokenizer import chat_template_in
+
+    return chat_template_in(folder)
 
 
 def _tokenizer_config(folder: Path) -> dict:
