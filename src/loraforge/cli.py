@@ -65,11 +65,12 @@ def cmd_merge(args) -> None:
     if args.format == "pth":
         from loraforge.export.pth import merge_to_pth
 
-        out = merge_to_pth(Path(args.base), adapters, Path(args.output))
+        out = merge_to_pth(Path(args.base), adapters, Path(args.output), force=args.force)
     else:
         from loraforge.export.hf import merge_to_hf
 
-        out = merge_to_hf(Path(args.base), adapters, Path(args.output), int(args.max_shard_gb * 1024**3))
+        out = merge_to_hf(Path(args.base), adapters, Path(args.output), int(args.max_shard_gb * 1024**3),
+                          force=args.force)
     print(f"merged {len(adapters)} adapter(s) into {args.base}: {out}")
 
 
@@ -79,6 +80,13 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["hf", "pth"], default="hf",
                         help="hf: sharded safetensors + config + tokenizer; pth: Meta consolidated.00.pth + params.json")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB (hf)")
+    _force_argument(parser)
+
+
+def _force_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="go on when the adapter chain is not the one the adapters' records say they were "
+                             "trained on (a note says what was expected)")
 
 
 def cmd_export_gguf(args) -> None:
@@ -86,7 +94,8 @@ def cmd_export_gguf(args) -> None:
 
     adapters = _adapters(args)
     imatrix = Path(args.imatrix) if args.imatrix else None
-    out = export_gguf(Path(args.base), adapters, Path(args.output), args.quant, imatrix=imatrix)
+    out = export_gguf(Path(args.base), adapters, Path(args.output), args.quant, imatrix=imatrix,
+                      force=args.force, template=args.template or None)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {args.quant})")
     if args.verify:
         from loraforge.eval.parity import format_parity, verify_export
@@ -105,19 +114,24 @@ def _export_gguf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--imatrix", default="", help="llama.cpp importance matrix (imatrix.gguf or legacy .dat)")
     parser.add_argument("--verify", action="store_true",
                         help="compare tokens and logits with transformers + peft; writes <output>.parity.json")
+    parser.add_argument("--template", default="", metavar="NAME|FILE",
+                        help="chat template to embed (a template name or a Jinja file; default: the tokenizer's)")
+    _force_argument(parser)
     parser.add_argument("-o", "--output", required=True, help="the .gguf file to write")
 
 
 def cmd_export_lora_gguf(args) -> None:
     from loraforge.export.lora_gguf import export_lora_gguf
 
-    out = export_lora_gguf(Path(args.adapter), Path(args.output), Path(args.base) if args.base else None)
+    out = export_lora_gguf(Path(args.adapter), Path(args.output), Path(args.base) if args.base else None,
+                           force=args.force)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, llama.cpp LoRA adapter)")
 
 
 def _export_lora_gguf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="a peft LoRA adapter dir")
     parser.add_argument("--base", default="", help="its base model dir (default: the adapter's base_model_name_or_path)")
+    _force_argument(parser)
     parser.add_argument("-o", "--output", required=True, help="the adapter .gguf file to write")
 
 
@@ -165,13 +179,17 @@ def _vocab_train_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_vocab_merge(args) -> None:
     from loraforge.vocab.merge import merge_vocab
 
-    print(merge_vocab(Path(args.base), Path(args.add), Path(args.output), args.pad_token or None).describe())
+    print(merge_vocab(Path(args.base), Path(args.add), Path(args.output), args.pad_token or None,
+                      args.scheme).describe())
 
 
 def _vocab_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="base model or tokenizer dir with tokenizer.model (or the file)")
     parser.add_argument("--add", required=True, help="SentencePiece model whose new pieces are appended (vocab train)")
     parser.add_argument("--pad-token", default="", help="add this pad token after the pieces, e.g. [PAD] (Chinese-Alpaca)")
+    parser.add_argument("--scheme", choices=["chinese-llama", "ranked"], default="chinese-llama",
+                        help="scores of the new pieces: 0, as Chinese-LLaMA's recipe (default), or ranked below the "
+                             "base's (an exact tokenizer.json for other tools)")
     parser.add_argument("-o", "--output", required=True, help="new directory for the merged tokenizer")
 
 
@@ -258,7 +276,8 @@ def cmd_serve(args) -> None:
     from loraforge.serve.server import ServeOptions, parse_adapters, serve
 
     options = ServeOptions(Path(args.model), parse_adapters(args.adapter), args.name or None, args.host, args.port,
-                           args.api_key or None, args.parallel, args.ctx_size or None, args.threads or None)
+                           args.api_key or None, args.parallel, args.ctx_size or None, args.threads or None,
+                           chat_template=args.chat_template or None)
 
     def ready(url: str, names: list[str]) -> None:
         print(f"serving {', '.join(names)} at {url}/v1 (chat page: {url}/; Ctrl-C stops)", flush=True)
@@ -272,6 +291,9 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a LoRA served as model NAME (repeatable): an adapter .gguf for a GGUF model, "
                              "a peft dir for a HF one")
     parser.add_argument("--name", default="", help="the base model's id in /v1/models (default: the file stem)")
+    parser.add_argument("--chat-template", default="", metavar="NAME|FILE",
+                        help="chat template (a template name or a Jinja file): replaces the model's own, and "
+                             "serves adapters that carry none (an adapter .gguf's own template wins for its name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     parser.add_argument("--api-key", default="", metavar="KEY",

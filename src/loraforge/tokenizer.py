@@ -344,6 +344,20 @@ def _sentencepiece_class():
     return SentencePieceTokenizer
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A digest of everything that decides a tokenizer's ids (the tokenized-data cache key)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    if is_sentencepiece(tokenizer):
+        digest.update(tokenizer.sp_model.serialized_model_proto())
+    elif hasattr(tokenizer, "backend_tokenizer"):
+        digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(json.dumps(sorted((i, t.content, t.special) for i, t in tokenizer.added_tokens_decoder.items()))
+                  .encode())
+    return digest.hexdigest()
+
+
 # ---------------------------------------------------------------- saving
 
 

@@ -13,6 +13,7 @@ import torch
 
 from loraforge.eval.parity import (
     PROBES,
+    TOKENIZER_PROBES,
     ParityFailed,
     compare_logits,
     format_parity,
@@ -56,9 +57,10 @@ def test_f32_export_agrees_everywhere(pretrained_llama, adapters, tmp_path):
     report = verified(pretrained_llama, [adapters["sft"]], tmp_path, "f32")
     assert (report["verdict"], report["tier"], report["file_type_name"], report["problems"]) == ("PASS", "float", "F32", [])
     tokens = report["tokenization"]
-    assert all(t["match"] for t in tokens) and [t["text"] for t in tokens[:-1]] == PROBES
-    # the base's chat template ('default', from its pre-training run) renders the chat prompts
-    assert tokens[-1]["text"] == "Human: 请用一句话介绍一下长城。\nAssistant: "
+    assert all(t["match"] for t in tokens) and [t["text"] for t in tokens[:len(PROBES)]] == PROBES
+    assert [t["text"] for t in tokens[len(PROBES):-3]] == TOKENIZER_PROBES  # code, tables, after </s>
+    # the base's chat template ('default', from its pre-training run) renders every chat prompt, compared too
+    assert tokens[-3]["text"] == "Human: 请用一句话介绍一下长城。\nAssistant: "
     assert [r["label"] for r in report["logits"]][-1] == "[chat] 把这句话翻译成英文：今天天气很好。"
     assert report["overall"]["top1"] == 1.0 and report["overall"]["kl_mean"] < 1e-6
     assert report["overall"]["max_abs_diff"] < 0.02
@@ -81,7 +83,7 @@ def test_quantized_exports_report_their_divergence_and_pass(pretrained_llama, ad
     table = format_parity(report).splitlines()
     assert table[0] == f"{quant.upper()} ({tier}) under llama.cpp vs transformers fp32 + 1 adapter through peft"
     assert table[1].split() == ["prompt", "tokens", "top-1", "mean", "KL", "max", "|Δ|"]
-    assert table[-3] == "tokenization: 10/10 strings identical"
+    assert table[-3] == "tokenization: 20/20 strings identical"
     assert table[-1].startswith(f"PASS: {tier} file: ")
 
 
@@ -139,15 +141,25 @@ def transformers_rebuilt(spec):
     return spec
 
 
-def test_a_tokenizer_json_that_cuts_text_unlike_llama_cpp_fails(pretrained_llama, adapters, tmp_path):
+def test_a_tokenizer_json_beside_tokenizer_model_does_not_decide_the_ids(pretrained_llama, adapters, tmp_path):
+    """transformers 5's rebuilt pipeline in tokenizer.json, tokenizer.model beside it: training and --verify
+    use sentencepiece (the model), as llama.cpp does, so the file passes."""
     base = spm_base(pretrained_llama, tmp_path, transformers_rebuilt)
-    out = export_gguf(base, [adapters["sft"]], tmp_path / "m.gguf", "f32")
+    report = verified(base, [], tmp_path, "f32")
+    assert report["verdict"] == "PASS" and all(t["match"] for t in report["tokenization"])
+
+
+def test_a_tokenizer_json_that_cuts_text_unlike_llama_cpp_fails(pretrained_llama, tmp_path):
+    base = spm_base(pretrained_llama, tmp_path, transformers_rebuilt)
+    (base / "tokenizer.model").unlink()  # tokenizer.json alone: the ids training would use are its own
+    out = export_gguf(base, [], tmp_path / "m.gguf", "f32")
     with pytest.raises(ParityFailed, match="llama.cpp cuts text unlike tokenizer.json") as failure:
-        verify_export(out, base, [adapters["sft"]], tmp_path / "m.parity.json")
+        verify_export(out, base, [], tmp_path / "m.parity.json")
     report = failure.value.report
-    assert report["problems"] == ["1 of 10 strings tokenize differently (first: '  leading spaces and' at token 3: "
-                                  "gguf ['▁', 'l', 'e'] vs transformers ['l', 'e', 'a'])"]
-    assert [t["text"] for t in report["tokenization"] if not t["match"]] == ["  leading spaces and trailing  "]
+    assert re.fullmatch(r"\d+ of 20 strings tokenize differently \(first: '  leading spaces and' at token 3: "
+                        r"gguf \['▁', 'l', 'e'\] vs transformers \['l', 'e', 'a'\]\)", report["problems"][0])
+    differ = [t["text"] for t in report["tokenization"] if not t["match"]]
+    assert differ[0] == "  leading spaces and trailing  " and all(t.startswith(" ") or "</s>" in t for t in differ)
     assert report["overall"]["top1"] == 1.0  # the weights are right: only the tokenizer is not
 
 
@@ -156,7 +168,7 @@ def test_a_base_with_only_tokenizer_model_is_verified_through_sentencepiece(pret
     base = spm_base(pretrained_llama, tmp_path, lambda spec: None)
     report = verified(base, [adapters["sft"]], tmp_path, "f32")
     assert report["verdict"] == "PASS" and all(t["match"] for t in report["tokenization"])
-    assert len(report["tokenization"]) == 10  # the chat template comes from chat_template.jinja
+    assert len(report["tokenization"]) == 20  # the chat template comes from chat_template.jinja
 
 
 def test_kl_and_top1_of_known_distributions():
@@ -184,7 +196,7 @@ def test_verify_command_prints_the_table_and_writes_the_report(pretrained_llama,
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[1] == "F16 (float) under llama.cpp vs transformers fp32 + 1 adapter through peft"
-    assert "tokenization: 10/10 strings identical" in lines
+    assert "tokenization: 20/20 strings identical" in lines
     assert lines[-2].startswith("PASS: float file: top-1 ≥ 99% where not a near-tie")
     assert lines[-1] == f"parity report: {tmp_path / 'cli.parity.json'}"
     assert json.loads((tmp_path / "cli.parity.json").read_text(encoding="utf-8"))["verdict"] == "PASS"

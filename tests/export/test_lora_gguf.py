@@ -142,7 +142,8 @@ def _edit_config(adapter, **changes):
     (lambda base, out: _peft_adapter(base, out, target_modules=["q_proj", "embed_tokens"]),
      r"LoRA on an embedding \(model.embed_tokens.lora_embedding_A"),
     (lambda base, out: random_adapter(base, out, 15, r=4, lora_bias=True), r"trains LoRA biases"),
-    (lambda base, out: _edit_config(random_adapter(base, out, 15, r=4), use_dora=True), r"DoRA"),
+    (lambda base, out: random_adapter(base, out, 15, r=4, use_dora=True),
+     r"DoRA adapter \(use_dora=true\): llama.cpp's GGUF adapters are plain LoRA"),
     (lambda base, out: _edit_config(random_adapter(base, out, 15, r=4), peft_type="IA3"), r"a IA3 adapter"),
 ], ids=["modules_to_save", "embedding-lora", "lora-bias", "dora", "not-lora"])
 def test_what_llama_cpp_cannot_load_is_refused_and_nothing_written(pretrained_llama, tmp_path, make, message):

@@ -24,8 +24,9 @@ from loraforge.data.registry import DatasetSpec, load_datasets, resolve_datasets
 from loraforge.data.templates import get_template, jinja_template
 from loraforge.data.tokenize import encode_conversation, encode_text_blocks, is_truncated
 from loraforge.errors import LoraforgeError
+from loraforge.tokenizer import tokenizer_fingerprint
 
-CACHE_FORMAT = 2  # bump when the encoding rules or the stored fields change
+CACHE_FORMAT = 3  # bump when the encoding rules or the stored fields change (3: sentencepiece's own ids)
 
 
 @dataclass
@@ -72,8 +73,7 @@ def cache_dir(config: Config) -> Path:
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
-    digest = hashlib.sha256()
-    digest.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else b"")
+    digest = hashlib.sha256(tokenizer_fingerprint(tokenizer).encode())
     digest.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token,
                               getattr(tokenizer, "add_bos_token", None)]).encode())
     return digest.hexdigest()

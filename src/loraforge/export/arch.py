@@ -11,9 +11,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from loraforge.errors import LoraforgeError
+from loraforge.export.rope import llama3_rope_factors, rope_of
 
 # HF name (with {i} for the layer) → GGUF name
 LAYER_NAMES = {
@@ -36,10 +38,11 @@ SKIPPED = re.compile(r"rotary_emb\.inv_freq$")
 class Arch:
     gguf_name: str  # llama.cpp's general.architecture
     permute_qk: bool
+    family: str = "llama"  # which config table applies (export/config_table.py)
 
 
-ARCHES = {"LlamaForCausalLM": Arch("llama", True), "MistralForCausalLM": Arch("llama", True),
-          "Qwen2ForCausalLM": Arch("qwen2", False)}
+ARCHES = {"LlamaForCausalLM": Arch("llama", True, "llama"), "MistralForCausalLM": Arch("llama", True, "mistral"),
+          "Qwen2ForCausalLM": Arch("qwen2", False, "qwen2")}
 
 
 def arch_of(config: dict) -> Arch:
@@ -92,22 +95,42 @@ def rope_theta(config: dict) -> float:
     return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
+def head_dim_of(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
 def hyperparameters(writer, config: dict) -> None:
-    """Write the architecture keys llama.cpp reads (`{arch}.context_length`, …)."""
+    """Write the architecture keys llama.cpp reads (`{arch}.context_length`, …); `check_config`
+    has refused what they cannot say."""
+    import gguf
+
     heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    head_dim = head_dim_of(config)
+    rope = rope_of(config)
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
-    writer.add_rope_freq_base(rope_theta(config))
+    if head_dim != config["hidden_size"] // heads:  # Mistral-Nemo, Qwen3: llama.cpp defaults to hidden/heads
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(rope.theta)
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
-    scaling = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if scaling.get("rope_type") == "linear" and scaling.get("factor"):
-        import gguf
-
+    if rope.kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(scaling["factor"]))
+        writer.add_rope_scaling_factor(float(rope.params["factor"]))
+    elif rope.kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope.params["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope.params["original_max_position_embeddings"])
+
+
+def extra_tensors(config: dict) -> dict[str, np.ndarray]:
+    """Tensors llama.cpp needs that no checkpoint holds: Llama-3.1/3.2's `rope_freqs`."""
+    rope = rope_of(config)
+    if rope.kind == "llama3":
+        return {"rope_freqs.weight": llama3_rope_factors(rope, head_dim_of(config))}
+    return {}

@@ -19,7 +19,10 @@ import torch
 from tqdm import tqdm
 
 from loraforge.errors import LoraforgeError
-from loraforge.export.arch import arch_of, gguf_name, hyperparameters, to_gguf_layout
+from loraforge.export.arch import arch_of, extra_tensors, gguf_name, hyperparameters, to_gguf_layout
+from loraforge.export.chain import check_chain
+from loraforge.export.chat_template import chat_template_text, set_chat_template
+from loraforge.export.config_table import check_config
 from loraforge.export.imatrix import importance_for, load_imatrix
 from loraforge.export.pipeline import Behind, ahead
 from loraforge.export.quant import GGMLType, quantize, row_bytes
@@ -77,7 +80,8 @@ def importance_of(planned: list[Planned], names: dict[str, str], kinds: dict[str
             where = f"{imatrix} has no entry for it" if imatrix else "no --imatrix was given"
             raise LoraforgeError(
                 f"--quant {scheme.name} writes {name} as {kind.name}, which needs an importance matrix, and "
-                f"{where}: compute one with llama.cpp's `llama-imatrix -m model-f16.gguf -f calibration.txt` "
+                f"{where}: compute one with `loraforge export imatrix` (planned, with the eval work; no llama.cpp "
+                "binary needed) or today with llama.cpp's `llama-imatrix -m model-f16.gguf -f calibration.txt`, "
                 "and pass --imatrix FILE, or choose a scheme that works without one (q4_k_m, iq4_xs, q3_k_m …)")
     return found
 
@@ -96,15 +100,20 @@ def gguf_file(out_path: Path, arch_name: str) -> Iterator:
 
 
 def export_gguf(base_dir: Path, adapter_dirs: list[Path], out_path: Path, quant: str = "f16",
-                imatrix: Path | None = None) -> Path:
-    """Write `out_path` (.gguf) from the base model and the adapters, applied in order."""
+                imatrix: Path | None = None, *, force: bool = False, template: str | None = None) -> Path:
+    """Write `out_path` (.gguf) from the base model and the adapters, applied in order;
+    `template` (a name or Jinja file) replaces the chat template the tokenizer brings."""
     import gguf
 
     scheme = scheme_of(quant)
     adapters = [read_adapter(p) for p in adapter_dirs]
     planned = [p for p in plan(base_dir, adapters) if gguf_name(p.name)]
+    check_chain(base_dir, adapter_dirs, adapters, force=force)
+    template_text = chat_template_text(template) if template else None
     config = merged_config(base_dir, planned)
     arch = arch_of(config)
+    check_config(config, f"{base_dir}/config.json", {p.name for p in planned})
+    extra = extra_tensors(config)  # rope_freqs for llama3 rope
     out_path = Path(out_path)
     names = {p.name: gguf_name(p.name) for p in planned}
     facts = ModelFacts.of(config, arch.gguf_name, set(names.values()), has_imatrix=imatrix is not None)
@@ -118,7 +127,12 @@ def export_gguf(base_dir: Path, adapter_dirs: list[Path], out_path: Path, quant:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         hyperparameters(writer, config)
         embed_rows = next(p.shape[0] for p in planned if p.name == "model.embed_tokens.weight")
-        add_tokenizer(writer, tokenizer_source(base_dir, adapters), embed_rows)
+        add_tokenizer(writer, tokenizer_source(base_dir, adapters), embed_rows,
+                      fallbacks=[Path(base_dir), *(a.path for a in reversed(adapters))])
+        if template_text:
+            set_chat_template(writer, template_text)
+        for name, data in extra.items():
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes)
         for item in planned:
             kind = kinds[item.name]
             writer.add_tensor_info(names[item.name], item.shape, np.dtype(np.float32), gguf_nbytes(item, kind),
@@ -140,6 +154,8 @@ def export_gguf(base_dir: Path, adapter_dirs: list[Path], out_path: Path, quant:
             write = Behind(put)
             whole = lambda name: arch.permute_qk and (".q_proj." in name or ".k_proj." in name)  # noqa: E731
             try:
+                for data in extra.values():
+                    write((data, True, -data.nbytes % align))
                 for item, start, rows in ahead(merged_chunks(planned, adapters, CHUNK_BYTES, whole)):
                     rows = to_gguf_layout(item.name, rows, arch, config)
                     name, kind = names[item.name], kinds[item.name]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from loraforge.export.chain import check_chain, write_merged_from
 from loraforge.export.weights import (
     Adapter,
     Planned,
@@ -69,17 +70,19 @@ def copy_tokenizer(base_dir: Path, adapters: list[Adapter], out_dir: Path) -> No
 
 
 def merge_to_hf(base_dir: Path, adapter_dirs: list[Path], out_dir: Path,
-                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Base + adapters (in order) → a HF model directory with merged weights."""
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES, *, force: bool = False) -> Path:
+    """Base + adapters (in order) → a HF model directory with merged weights (and merged_from.json)."""
     out_dir = Path(out_dir)
     check_new_dir(out_dir)
     adapters = [read_adapter(p) for p in adapter_dirs]
     planned = plan(base_dir, adapters)
+    check_chain(base_dir, adapter_dirs, adapters, force=force)
     check_free_space(out_dir, sum(nbytes(p) for p in planned))
     with new_dir(out_dir) as tmp:
         write_shards(tmp, planned, adapters, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(merged_config(base_dir, planned), indent=2))
         copy_tokenizer(base_dir, adapters, tmp)
+        write_merged_from(base_dir, adapter_dirs, tmp)
     return out_dir
 
 

@@ -13,6 +13,10 @@ and fold each module's ratio `peft scale / (alpha/rank)` into its B (1 for a pla
 adapter, √r under rsLoRA). The `llama` architecture's q/k permutation reorders output
 rows, which B alone owns; A is unchanged.
 
+AdaLoRA's update B·(A ⊙ E)·alpha/(init_r + 1e-5) is a plain pair once E is folded into A,
+its rank the ranks pruning kept. DoRA is refused: its per-row magnitudes rescale the
+base weights themselves, which a llama.cpp adapter cannot express.
+
 Full tensors (`modules_to_save`, e.g. embed_tokens / lm_head of an extended vocabulary)
 have no place in this format: such an adapter is refused and pointed at `export gguf`,
 which merges them.
@@ -27,7 +31,9 @@ import torch
 
 from loraforge.errors import LoraforgeError
 from loraforge.export.arch import Arch, arch_of, gguf_name, to_gguf_layout
+from loraforge.export.chain import check_chain
 from loraforge.export.gguf_writer import gguf_file
+from loraforge.export.vocab_meta import chat_template_of
 from loraforge.export.weights import Adapter, merged_config, plan, read_adapter
 
 
@@ -45,6 +51,13 @@ def adapter_base(adapter_dir: Path, config: dict, base_dir: Path | None) -> Path
 
 def refuse_non_lora_tensors(adapter: Adapter, base_hint: str) -> None:
     """llama.cpp adapters hold only low-rank A/B pairs; say which tensors do not fit and what to do."""
+    if adapter.kind == "dora":
+        # llama.cpp's adapter graph adds alpha/rank·B(Ax) to the base matmul and nothing else; DoRA's
+        # per-row rescaling m/‖W + s·B@A‖ depends on the base weights, so it cannot be an adapter file
+        raise LoraforgeError(
+            f"{adapter.path} is a DoRA adapter (use_dora=true): llama.cpp's GGUF adapters are plain LoRA (B·A added "
+            "to the base), with no place for DoRA's per-row magnitudes, which rescale the base weights too. Merge it "
+            f"into the model instead: `loraforge export gguf --base {base_hint} --adapter {adapter.path} -o model.gguf`")
     embedding_lora = sorted(n for n in adapter.full if ".lora_embedding_" in n)
     if embedding_lora:
         raise LoraforgeError(
@@ -75,8 +88,8 @@ def gguf_alpha(config: dict) -> float:
 def llama_cpp_pair(adapter: Adapter, name: str, alpha: float, arch: Arch,
                    config: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) for base weight `name` such that llama.cpp's alpha/rank · B·A is peft's scale · B·A."""
-    a_key, b_key = adapter.lora[name]
-    lora_a, lora_b = adapter.tensor(a_key), adapter.tensor(b_key)
+    # AdaLoRA's B @ (A ⊙ E): E folded into A makes it a plain pair, its rank the ranks pruning kept
+    lora_a, lora_b = adapter.lora_a(name), adapter.tensor(adapter.lora[name][1])
     rank = lora_a.shape[0]
     ratio = adapter.scale(name, rank) / (alpha / rank)
     if ratio != 1.0:
@@ -84,8 +97,10 @@ def llama_cpp_pair(adapter: Adapter, name: str, alpha: float, arch: Arch,
     return lora_a, to_gguf_layout(name, lora_b, arch, config).contiguous()
 
 
-def export_lora_gguf(adapter_dir: Path, out_path: Path, base_dir: Path | None = None) -> Path:
-    """Write `out_path` (.gguf), the adapter as llama.cpp loads it with --lora on the base's GGUF."""
+def export_lora_gguf(adapter_dir: Path, out_path: Path, base_dir: Path | None = None, *,
+                     force: bool = False) -> Path:
+    """Write `out_path` (.gguf), the adapter as llama.cpp loads it with --lora on the base's GGUF;
+    the chat template it was trained with goes into its metadata, for `loraforge serve`."""
     import gguf
 
     adapter = read_adapter(Path(adapter_dir))
@@ -93,10 +108,13 @@ def export_lora_gguf(adapter_dir: Path, out_path: Path, base_dir: Path | None = 
     refuse_non_lora_tensors(adapter, str(named_base))
     base = adapter_base(adapter.path, adapter.config, base_dir)
     planned = plan(base, [adapter])  # every LoRA shape checked against the base before writing
+    check_chain(base, [adapter.path], [adapter], force=force)  # the base GGUF it goes on must be that model
+    template = chat_template_of(adapter.path)
     config = merged_config(base, planned)
     arch = arch_of(config)
     alpha = gguf_alpha(adapter.config)
-    targets = [p.name for p in planned if p.name in adapter.lora]  # the base's own tensor order
+    # a module whose every AdaLoRA rank was pruned adds nothing (and llama.cpp takes no empty tensor)
+    targets = [p.name for p in planned if p.name in adapter.lora and adapter.shapes[adapter.lora[p.name][0]][0]]  # the base's own tensor order
 
     out_path = Path(out_path)
     with gguf_file(out_path, arch.gguf_name) as writer:
@@ -104,6 +122,8 @@ def export_lora_gguf(adapter_dir: Path, out_path: Path, base_dir: Path | None = 
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         writer.add_name(adapter.path.name)
+        if template:
+            writer.add_chat_template(template)
         for name in targets:
             lora_a, lora_b = llama_cpp_pair(adapter, name, alpha, arch, config)
             target = gguf_name(name)

@@ -24,7 +24,6 @@ import io
 import json
 import math
 import pickle
-import re
 import shutil
 import struct
 import zipfile
@@ -36,6 +35,8 @@ from tqdm import tqdm
 
 from loraforge.errors import LoraforgeError
 from loraforge.export.arch import arch_of, permute_qk, rope_theta
+from loraforge.export.chain import check_chain
+from loraforge.export.meta_pth import meta_name  # shared with the reader of .pth bases
 from loraforge.export.weights import (
     Planned,
     check_free_space,
@@ -48,27 +49,9 @@ from loraforge.export.weights import (
 )
 from loraforge.outputs import check_new_dir, new_dir
 
-_GLOBAL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-           "lm_head.weight": "output.weight"}
-_LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-          "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-          "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-          "post_attention_layernorm": "ffn_norm"}
-_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 _STORAGE = {torch.float32: "FloatStorage", torch.float16: "HalfStorage", torch.bfloat16: "BFloat16Storage",
             torch.float64: "DoubleStorage"}
 ALIGN = 64  # torch's record alignment; mmap loading relies on it
-
-
-def meta_name(hf_name: str) -> str | None:
-    if hf_name in _GLOBAL:
-        return _GLOBAL[hf_name]
-    match = _LAYER_NAME.match(hf_name)
-    if match and match[2] in _LAYER:
-        return f"layers.{match[1]}.{_LAYER[match[2]]}.weight"
-    if hf_name.endswith("rotary_emb.inv_freq"):
-        return None
-    raise LoraforgeError(f"tensor {hf_name} has no place in Meta's LLaMA checkpoint — merge with --format hf")
 
 
 def ffn_params(dim: int, intermediate: int) -> dict:
@@ -209,12 +192,13 @@ def _write_record(archive: zipfile.ZipFile, name: str, data: bytes | memoryview)
         record.write(data)
 
 
-def merge_to_pth(base_dir: Path, adapter_dirs: list[Path], out_dir: Path) -> Path:
+def merge_to_pth(base_dir: Path, adapter_dirs: list[Path], out_dir: Path, *, force: bool = False) -> Path:
     """Write `out_dir/consolidated.00.pth` and `params.json` from the base and adapters."""
     out_dir = Path(out_dir)
     check_new_dir(out_dir)
     adapters = [read_adapter(p) for p in adapter_dirs]
     planned = plan(base_dir, adapters)
+    check_chain(base_dir, adapter_dirs, adapters, force=force)
     config = merged_config(base_dir, planned)
     check_llama(base_dir, config, planned)
     params = meta_params(base_dir, config)  # before any weight: a refusal costs nothing

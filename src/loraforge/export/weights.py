@@ -1,10 +1,18 @@
 """The one streaming path for weights: base shards + ordered adapters → merged tensors.
 
-`merge` and `export gguf` both consume `merged_tensors`: it opens the base safetensors
-shards memory-mapped, and yields `(name, fp32 tensor)` one at a time with each
-adapter's delta `scale · B @ A` added in the order given; a `modules_to_save` tensor
-(embed_tokens / lm_head of an extended vocabulary) replaces the base tensor. Peak memory
-is one tensor plus its deltas, never the model.
+`merge` and `export gguf` both consume `merged_chunks`: it opens the base's weight files
+lazily — safetensors, `pytorch_model*.bin` shards or Meta's `consolidated.*.pth` (see
+`shards.py`, `meta_pth.py`) — and yields fp32 tensors one block of rows at a time with
+each adapter's update applied in the order given; a `modules_to_save` tensor (embed_tokens
+/ lm_head of an extended vocabulary) replaces the base tensor. Peak memory is one tensor
+plus its deltas, never the model.
+
+The updates are peft's own merges (tuners/lora/layer.py, variants.py, adalora/layer.py):
+  LoRA, rsLoRA   W += s·B@A                        s = alpha/r, alpha/√r
+  DoRA           W' = m ⊙ (W + s·B@A) / ‖W + s·B@A‖ the norm per output row, m = lora_magnitude_vector
+  AdaLoRA        W += B@(A ⊙ E) · alpha/(init_r + 1e-5)  pruned ranks are zeros in E, or cut from
+                                                   A/E/B when the config has a rank_pattern
+Every one of them treats output rows independently, so a block of rows merges alone.
 
 Everything that can be wrong is checked before the first byte is written (`plan`):
 a corrupt shard, an adapter whose LoRA shapes do not fit the base, an adapter that
@@ -24,24 +32,38 @@ from pathlib import Path
 import torch
 
 from loraforge.errors import LoraforgeError
-from loraforge.export.shards import Shard
+from loraforge.export.meta_pth import MetaCheckpoint, is_meta_dir
+from loraforge.export.shards import PickleShard, Shard, open_shard
 
 _PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+# X.lora_A[.adapter].weight (LoRA/DoRA), X.lora_A[.adapter] (AdaLoRA keeps bare parameters) — not lora_B.bias
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[ABE])(?:\.(?!weight$|bias$)[^.]+)?(?:\.weight)?$")
+_MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?!weight$)[^.]+)?(?:\.weight)?$")
+_MERGEABLE = ("LORA", "ADALORA")
+_PROMPT_METHODS = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT")
 _WRAPPED = re.compile(r"\.modules_to_save(?:\.[^.]+)?\.(?=weight$|bias$)")  # X.modules_to_save[.default].weight
 EMBEDDING_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 @dataclass
 class Adapter:
-    """A peft LoRA adapter directory, read lazily."""
+    """A peft LoRA / DoRA / AdaLoRA adapter directory, read lazily."""
 
     path: Path
     config: dict
     lora: dict[str, tuple[str, str]] = field(default_factory=dict)  # base weight name → (A key, B key)
     full: dict[str, str] = field(default_factory=dict)  # base weight name → key of a whole tensor
     shapes: dict[str, list[int]] = field(default_factory=dict)
-    handle: object = None  # the open (memory-mapped) adapter_model.safetensors
+    handle: object = None  # the open adapter_model.safetensors / adapter_model.bin
+    magnitude: dict[str, str] = field(default_factory=dict)  # DoRA: base weight name → lora_magnitude_vector key
+    singular: dict[str, str] = field(default_factory=dict)  # AdaLoRA: base weight name → lora_E key
+
+    @property
+    def kind(self) -> str:
+        """lora, dora or adalora."""
+        if self.config.get("peft_type") == "ADALORA":
+            return "adalora"
+        return "dora" if self.config.get("use_dora") else "lora"
 
     @property
     def vocab_rows(self) -> int | None:
@@ -49,8 +71,14 @@ class Adapter:
         return rows[0] if rows else None
 
     def scale(self, weight_name: str, rank: int) -> float:
-        """LoRA's alpha/r (alpha/√r with rsLoRA), honouring peft's per-module patterns."""
+        """LoRA's alpha/r (alpha/√r with rsLoRA), honouring peft's per-module patterns; AdaLoRA's
+        alpha/(init_r + 1e-5), with the rank it started from however many ranks pruning kept."""
         module = weight_name.removesuffix(".weight")
+        if self.kind == "adalora":
+            # peft: scaling = lora_alpha or the (kept) rank; ranknum = init_r, also after resizing
+            alpha = self.config.get("lora_alpha") or rank
+            init_r = self.config.get("init_r") or self.config.get("r") or rank
+            return alpha / (init_r + 1e-5)
         alpha = self.config.get("lora_alpha", rank)
         # peft's rule: the first key that, as a regex, matches the end of the module name
         for pattern, value in (self.config.get("alpha_pattern") or {}).items():
@@ -62,6 +90,13 @@ class Adapter:
     def tensor(self, key: str) -> torch.Tensor:
         return self.handle.read(key).to(torch.float32)
 
+    def lora_a(self, weight_name: str) -> torch.Tensor:
+        """A in fp32; for AdaLoRA, A ⊙ E, so that B @ A is the update as for LoRA."""
+        lora_a = self.tensor(self.lora[weight_name][0])
+        if weight_name in self.singular:
+            lora_a = lora_a * self.tensor(self.singular[weight_name])
+        return lora_a
+
 
 def read_adapter(path: Path) -> Adapter:
     path = Path(path)
@@ -69,23 +104,19 @@ def read_adapter(path: Path) -> Adapter:
     if not config_file.exists():
         raise LoraforgeError(f"{path}: no adapter_config.json — not a peft adapter directory")
     config = json.loads(config_file.read_text())
-    if config.get("peft_type") not in ("LORA", None):
-        raise LoraforgeError(f"{path}: a {config['peft_type']} adapter cannot be merged into weights; "
-                             "only LoRA adapters can (prompt/prefix methods need the adapter at inference)")
-    if config.get("use_dora"):
-        raise LoraforgeError(f"{path}: DoRA adapters are not supported by merge/export yet; "
-                             "merge it with peft's merge_and_unload and export the merged model")
-    weights = path / "adapter_model.safetensors"
-    if not weights.exists():
-        raise LoraforgeError(f"{path}: no adapter_model.safetensors (a .bin adapter? re-save it with peft ≥ 0.6)")
-    adapter = Adapter(path, config, handle=Shard(weights))
-    pairs: dict[str, dict[str, str]] = {}
+    check_adapter_config(config_file, config)
+    adapter = Adapter(path, config, handle=open_adapter_weights(path))
+    weights = adapter.handle.path
+    parts: dict[str, dict[str, str]] = {}
     for key in adapter.handle.keys():
         adapter.shapes[key] = adapter.handle.shape(key)
         name = key.removeprefix(_PEFT_PREFIX)
         match = _LORA_KEY.match(name)
+        magnitude = _MAGNITUDE_KEY.match(name)
         if match:
-            pairs.setdefault(match["module"] + ".weight", {})[match["which"]] = key
+            parts.setdefault(match["module"] + ".weight", {})[match["which"]] = key
+        elif magnitude:
+            adapter.magnitude[magnitude["module"] + ".weight"] = key
         elif ".original_module." in name:
             continue  # the untrained copy of a modules_to_save layer (checkpoints of a resized run carry it)
         elif ".modules_to_save." in name:
@@ -93,25 +124,90 @@ def read_adapter(path: Path) -> Adapter:
             adapter.full.setdefault(_WRAPPED.sub(".", name), key)
         else:
             adapter.full[name] = key
-    for name, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            raise LoraforgeError(f"{weights}: {name} has lora_{''.join(pair)} but not its partner — the adapter is incomplete")
-        adapter.lora[name] = (pair["A"], pair["B"])
+    wanted = {"lora": "AB", "dora": "AB", "adalora": "ABE"}[adapter.kind]
+    for name, part in parts.items():
+        if set(part) != set(wanted):
+            have = ", ".join(f"lora_{w}" for w in sorted(part))
+            raise LoraforgeError(f"{weights}: {name} has {have} but a {adapter.kind} adapter needs "
+                                 f"{', '.join(f'lora_{w}' for w in wanted)} — the adapter is incomplete")
+        adapter.lora[name] = (part["A"], part["B"])
+        if "E" in part:
+            adapter.singular[name] = part["E"]
+    if adapter.kind == "dora":
+        missing = sorted(set(adapter.lora) - set(adapter.magnitude))
+        if missing:
+            raise LoraforgeError(f"{weights}: DoRA adapter (use_dora=true) without lora_magnitude_vector for "
+                                 f"{missing[0]} — the adapter is incomplete; save it again with peft")
+    elif adapter.magnitude:
+        raise LoraforgeError(f"{weights} has lora_magnitude_vector tensors (DoRA) but {config_file} does not say "
+                             "use_dora=true — the config and the weights come from different adapters")
     return adapter
 
 
-def base_shards(base_dir: Path) -> dict[str, Path]:
-    """Tensor name → the shard that holds it."""
+def check_adapter_config(config_file: Path, config: dict) -> None:
+    """Refuse, before any weight is read, what the stream cannot merge as peft would."""
+    kind = config.get("peft_type")
+    if kind not in (*_MERGEABLE, None):
+        why = (" — prompt/prefix methods add virtual tokens, not weights, and need the adapter at inference"
+               if kind in _PROMPT_METHODS else
+               "; merge it with peft's merge_and_unload, save the merged model and export that")
+        raise LoraforgeError(f"{config_file}: a {kind} adapter cannot be merged by loraforge (it merges LORA — "
+                             f"with rsLoRA or DoRA — and ADALORA adapters){why}")
+    # early peft (Chinese-LLaMA's releases): enable_lora lists which of q/k/v a fused qkv MergedLinear adapts
+    if config.get("enable_lora"):
+        raise LoraforgeError(f"{config_file}: enable_lora={config['enable_lora']} is early peft's fused-qkv "
+                             "MergedLinear (GPT-2 style); LLaMA-family models have separate q/k/v projections — this "
+                             "adapter is for another architecture")
+    # fan_in_fan_out=true means weights stored [in, out] (GPT-2's Conv1D); on nn.Linear, which every LLaMA
+    # target is, peft itself warns and sets it to False, so the A/B stored are the usual [r, in] / [out, r]
+    if config.get("layer_replication"):
+        raise LoraforgeError(f"{config_file}: layer_replication builds a deeper model than the base; loraforge's "
+                             "merge keeps the base's layers — merge it with peft's merge_and_unload")
+
+
+def open_adapter_weights(path: Path) -> Shard | PickleShard:
+    """adapter_model.safetensors, else adapter_model.bin (older peft, Chinese-LLaMA's releases)."""
+    if (path / "adapter_model.safetensors").exists():
+        return Shard(path / "adapter_model.safetensors")
+    if (path / "adapter_model.bin").exists():
+        return PickleShard(path / "adapter_model.bin", keep_open=True)
+    raise LoraforgeError(f"{path}: no adapter_model.safetensors or adapter_model.bin — copy the adapter's weights "
+                         "next to its adapter_config.json")
+
+
+def base_readers(base_dir: Path) -> dict[str, tuple[Path, object]]:
+    """Tensor name → (the file that holds it, a reader with `shape/dtype_name/read`), whichever of the
+    three layouts the base is in: HF safetensors, HF pytorch_model*.bin, Meta consolidated.*.pth."""
     base_dir = Path(base_dir)
-    index = base_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: base_dir / shard for name, shard in weight_map.items()}
-    single = base_dir / "model.safetensors"
-    if not single.exists():
-        raise LoraforgeError(f"{base_dir}: no model.safetensors or model.safetensors.index.json — "
-                             "export needs the base model in safetensors format")
-    return {name: single for name in Shard(single).keys()}
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = base_dir / index_name
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {name: base_dir / shard for name, shard in weight_map.items()}
+            missing = sorted({f.name for f in files.values() if not f.exists()})
+            if missing:
+                raise LoraforgeError(f"{index} lists {', '.join(missing)}, which is not in {base_dir} — copy every "
+                                     "shard of the model")
+            readers = {path: open_shard(path) for path in set(files.values())}
+            for name, path in files.items():
+                if name not in readers[path].keys():
+                    raise LoraforgeError(f"{index} puts {name} in {path.name}, which does not hold it — the index "
+                                         "belongs to another copy of the model")
+            return {name: (path, readers[path]) for name, path in files.items()}
+        if (base_dir / single).exists():
+            reader = open_shard(base_dir / single)
+            return {name: (base_dir / single, reader) for name in reader.keys()}
+    if is_meta_dir(base_dir):
+        checkpoint = MetaCheckpoint(base_dir)
+        return {name: (checkpoint.files[0], checkpoint) for name in checkpoint.keys()}
+    raise LoraforgeError(f"{base_dir}: no model weights — export reads model.safetensors(.index.json), "
+                         "pytorch_model.bin(.index.json), or Meta's consolidated.00.pth with params.json")
+
+
+def base_shards(base_dir: Path) -> dict[str, Path]:
+    """Tensor name → the file that holds it."""
+    return {name: path for name, (path, _) in base_readers(base_dir).items()}
 
 
 @dataclass
@@ -122,15 +218,14 @@ class Planned:
     shape: list[int]
     dtype: torch.dtype
     shard: Path
+    source: object = field(default=None, repr=False, compare=False)  # the base reader; None: open `shard`
 
 
 def plan(base_dir: Path, adapters: list[Adapter]) -> list[Planned]:
     """Every output tensor with its final shape, after checking that the adapters fit."""
-    shards = base_shards(base_dir)
     planned: dict[str, Planned] = {}
-    handles = {shard: Shard(shard) for shard in set(shards.values())}
-    for name, shard in shards.items():
-        planned[name] = Planned(name, handles[shard].shape(name), _dtype(handles[shard].dtype_name(name)), shard)
+    for name, (shard, reader) in base_readers(base_dir).items():
+        planned[name] = Planned(name, reader.shape(name), _dtype(reader.dtype_name(name)), shard, reader)
     check_order(adapters)
     if "model.embed_tokens.weight" in planned:
         check_tokenizers(adapters, planned["model.embed_tokens.weight"].shape[0])
@@ -154,6 +249,12 @@ def plan(base_dir: Path, adapters: list[Adapter]) -> list[Planned]:
                 raise LoraforgeError(
                     f"adapter {index} ({adapter.path}): LoRA for {name} is B{[b_rows, b_rank]}·A{[rank, a_cols]} "
                     f"but the base tensor is {planned[name].shape} — the adapter was trained on a different base")
+            extra = {adapter.magnitude.get(name): [out_rows], adapter.singular.get(name): [rank, 1]}
+            for key, shape in extra.items():
+                if key is not None and adapter.shapes[key] != shape:
+                    raise LoraforgeError(f"adapter {index} ({adapter.path}): {key} has shape {adapter.shapes[key]}, "
+                                         f"expected {shape} for {name} {planned[name].shape} — the adapter is damaged "
+                                         "or was trained on a different base")
     return list(planned.values())
 
 
@@ -225,16 +326,16 @@ def merged_chunks(planned: list[Planned], adapters: list[Adapter], max_bytes: in
     """Yield (item, first row, fp32 rows) of each output tensor: base + every adapter's delta in
     order, in blocks of at most `max_bytes` of fp32 unless `whole(name)` asks for the tensor at once.
 
-    Rows are independent under the merge (W[r] + s·B[r]@A) and under quantization, so a
-    32000×4096 embedding never needs to be in memory at once."""
-    handles: dict[Path, Shard] = {}
+    Rows are independent under the merge (W[r] + s·B[r]@A; DoRA's norm is per row too) and
+    under quantization, so a 32000×4096 embedding never needs to be in memory at once."""
+    handles: dict[Path, object] = {}
     for item in planned:
         # an adapter's full tensor (modules_to_save) replaces everything before it
         replaced = max((i for i, a in enumerate(adapters) if item.name in a.full), default=-1)
         if replaced >= 0:
             source, key = adapters[replaced].handle, adapters[replaced].full[item.name]
         else:
-            source = handles.setdefault(item.shard, Shard(item.shard))
+            source = item.source or handles.get(item.shard) or handles.setdefault(item.shard, open_shard(item.shard))
             key = item.name
         deltas = [(a, *a.lora[item.name]) for a in adapters[replaced + 1:] if item.name in a.lora]
         n_rows = item.shape[0] if item.shape else 1
@@ -243,9 +344,12 @@ def merged_chunks(planned: list[Planned], adapters: list[Adapter], max_bytes: in
         for start in range(0, n_rows, step):
             rows = (start, min(n_rows, start + step))
             tensor = source.read(key, rows if item.shape else None).to(torch.float32)
-            for adapter, a_key, b_key in deltas:
-                lora_a, lora_b = adapter.tensor(a_key), adapter.handle.read(b_key, rows).to(torch.float32)
+            for adapter, _, b_key in deltas:
+                lora_a, lora_b = adapter.lora_a(item.name), adapter.handle.read(b_key, rows).to(torch.float32)
                 tensor.addmm_(lora_b, lora_a, alpha=adapter.scale(item.name, lora_a.shape[0]))  # W += s·B@A
+                if item.name in adapter.magnitude:  # DoRA: each row rescaled to its trained magnitude
+                    magnitude = adapter.handle.read(adapter.magnitude[item.name], rows).to(torch.float32)
+                    tensor.mul_((magnitude / torch.linalg.norm(tensor, dim=1)).unsqueeze(1))
             yield item, start, tensor
 
 
@@ -271,8 +375,20 @@ def check_free_space(out_dir: Path, needed: int) -> None:
                              f"{needed / 1e9:.1f} GB: free some space or choose another -o")
 
 
+def base_config(base_dir: Path) -> dict:
+    """config.json, or for a Meta checkpoint without HF weights the one params.json describes."""
+    base_dir = Path(base_dir)
+    hf_weights = any((base_dir / name).exists() for name in (
+        "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"))
+    if not hf_weights and is_meta_dir(base_dir):
+        return MetaCheckpoint(base_dir).config()
+    if not (base_dir / "config.json").exists():
+        raise LoraforgeError(f"{base_dir}: no config.json — copy the model's config.json next to its weights")
+    return json.loads((base_dir / "config.json").read_text())
+
+
 def merged_config(base_dir: Path, planned: list[Planned]) -> dict:
-    config = json.loads((Path(base_dir) / "config.json").read_text())
+    config = base_config(base_dir)
     embed = next((p for p in planned if p.name == "model.embed_tokens.weight"), None)
     if embed is not None:
         config["vocab_size"] = embed.shape[0]  # an extended vocabulary flows through here
@@ -280,8 +396,7 @@ def merged_config(base_dir: Path, planned: list[Planned]) -> dict:
 
 
 def tokenizer_source(base_dir: Path, adapters: list[Adapter]) -> Path:
-    """Where the tokenizer (and chat template) comes from: the last adapter that has one, else the base."""
-    for adapter in reversed(adapters):
-        if (adapter.path / "tokenizer_config.json").exists():
-            return adapter.path
-    return Path(base_dir)
+    """Where the tokenizer (and chat template) comes from: the tokenizer module's chain rule."""
+    from loraforge.tokenizer import chain_tokenizer_dir
+
+    return chain_tokenizer_dir(base_dir, [a.path for a in adapters])

@@ -140,7 +140,11 @@ class VllmEngine(TokenizerPrompts):
             kwargs.update(enable_lora=True, max_lora_rank=int(command[command.index("--max-lora-rank") + 1]))
             self._lora = LoRARequest(Path(path).name, 1, path)
         self.llm = vllm.LLM(**{k: v for k, v in kwargs.items() if v is not None})
-        self.tokenizer = self.llm.get_tokenizer()
+        # prompt ids from loraforge's tokenizer (sentencepiece's for a SentencePiece vocabulary, as in
+        # training); vLLM's own only turns the answer back into text
+        from loraforge.tokenizer import load_chain_tokenizer
+
+        self.tokenizer = load_chain_tokenizer(ref.base_dir, [*ref.adapter_dirs, *(Path(a) for a in adapters)])
         self.n_ctx = self.llm.llm_engine.model_config.max_model_len
         saved = getattr(self.tokenizer, "chat_template", None)
         self.chat_template = jinja_template(get_template(template)) if template else saved

@@ -71,7 +71,10 @@ def _deliver(pending: list[tuple[asyncio.Queue, object]]) -> None:
         queue.put_nowait(event)
 
 
-def build_app(scheduler: Scheduler, renderer: ChatRenderer, api_key: str | None = None) -> FastAPI:
+def build_app(scheduler: Scheduler, renderer: ChatRenderer | dict[str, ChatRenderer],
+              api_key: str | None = None) -> FastAPI:
+    """`renderer`: one for every served name, or one per name (adapters with their own template)."""
+    renderers = renderer if isinstance(renderer, dict) else dict.fromkeys(scheduler.lanes, renderer)
     app = FastAPI(title="loraforge", docs_url=None, redoc_url=None, openapi_url=None)
     model = scheduler.model
     created = int(time.time())
@@ -136,7 +139,7 @@ def build_app(scheduler: Scheduler, renderer: ChatRenderer, api_key: str | None 
         authorize(request)
         body = parse_body(ChatCompletionRequest, await request.body())
         lane = lane_of(body.model)
-        prompt = renderer.render(body.message_dicts())
+        prompt = renderers[lane].render(body.message_dicts())
         params = body.sampling(body.max_completion_tokens or body.max_tokens, prompt.stop, prompt.stop_tokens)
         return await answer(request, "/v1/chat/completions", lane, prompt.ids, params, body, chat=True,
                             original=body.message_dicts())

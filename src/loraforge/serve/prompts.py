@@ -23,9 +23,13 @@ class ChatPrompt:
 
 
 class ChatRenderer:
-    def __init__(self, model):  # a GgufModel, or serial.EngineVocab for HF models
+    """One served name's prompts: the model's chat template, or `chat_template` in its place
+    (an adapter's own, or `serve --chat-template`)."""
+
+    def __init__(self, model, chat_template: str | None = None):  # a GgufModel, or serial.EngineVocab for HF models
         self.model = model
-        self.stop = template_stop_strings(model.chat_template)
+        self.chat_template = chat_template or model.chat_template
+        self.stop = template_stop_strings(self.chat_template)
         # A marker that is one control token renders as no text, so a stop string could
         # never see it: it stops as a token id instead.
         if hasattr(model, "single_token"):
@@ -35,11 +39,12 @@ class ChatRenderer:
             self.stop_tokens = frozenset()
 
     def render(self, messages: list[dict]) -> ChatPrompt:
-        if not self.model.chat_template:
-            raise LoraforgeError(f"{self.model.path.name} has no chat template (tokenizer.chat_template): use "
-                                 "/v1/completions with your own prompt, or export the model with loraforge, which "
-                                 "embeds the template it was trained with")
-        text = render_chat(self.model.chat_template, messages, self.model.bos_text, self.model.eos_text)
+        if not self.chat_template:
+            raise LoraforgeError(f"{self.model.path.name} has no chat template (tokenizer.chat_template): restart "
+                                 "the server with --chat-template NAME|FILE (the template it was trained with), "
+                                 "export the model with loraforge (export gguf --template NAME), or use "
+                                 "/v1/completions with your own prompt")
+        text = render_chat(self.chat_template, messages, self.model.bos_text, self.model.eos_text)
         return ChatPrompt(prompt_ids(self.model, text), self.stop, self.stop_tokens)
 
 

@@ -34,6 +34,7 @@ class ServeOptions:
     threads: int | None = None  # decode threads; also for batches unless threads_batch is given
     threads_batch: int | None = None
     prefill_chunk: int = 128  # prompt tokens per step while other requests are decoding
+    chat_template: str | None = None  # NAME|FILE: replaces the model's template; for adapters that carry none
 
 
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
@@ -86,7 +87,7 @@ def http_server(options: ServeOptions, scheduler, ready: Callable[[str, list[str
     from loraforge.serve.app import build_app
     from loraforge.serve.prompts import ChatRenderer
 
-    app = build_app(scheduler, ChatRenderer(scheduler.model), options.api_key)
+    app = build_app(scheduler, lane_renderers(options, scheduler, ChatRenderer), options.api_key)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=2)
     host = f"[{options.host}]" if ":" in options.host else options.host
@@ -100,6 +101,35 @@ def http_server(options: ServeOptions, scheduler, ready: Callable[[str, list[str
                 ready(self.url, list(scheduler.lanes))
 
     return Server(config)
+
+
+def lane_templates(options: ServeOptions, scheduler) -> dict[str, str | None]:
+    """Each served name's chat template: an adapter's own (what it was trained with: an adapter
+    GGUF's `tokenizer.chat_template` from `export lora-gguf`, a peft dir's tokenizer), else
+    --chat-template, else the model's own. llama.cpp itself never applies an adapter's template."""
+    from loraforge.export.chat_template import chat_template_text, gguf_chat_template
+
+    given = chat_template_text(options.chat_template) if options.chat_template else None
+    names = list(scheduler.lanes)
+    templates = {names[0]: given or scheduler.model.chat_template}
+    engines = getattr(scheduler, "engines", {})  # HF serving: one engine per name, each with its tokenizer's
+    for name, path in options.adapters.items():
+        if name in engines:
+            own = engines[name].chat_template
+            own = None if own == scheduler.model.chat_template else own
+        else:
+            own = gguf_chat_template(path)
+        templates[name] = own or templates[names[0]]
+    return templates
+
+
+def lane_renderers(options: ServeOptions, scheduler, renderer_class) -> dict:
+    """A ChatRenderer per served name; names with the base's template share its renderer."""
+    templates = lane_templates(options, scheduler)
+    base_name = next(iter(scheduler.lanes))
+    base = renderer_class(scheduler.model, templates[base_name])
+    return {name: base if templates[name] == templates[base_name] else renderer_class(scheduler.model, templates[name])
+            for name in scheduler.lanes}
 
 
 def serve(options: ServeOptions, ready: Callable[[str, list[str]], None] | None = None) -> None:
