@@ -56,7 +56,7 @@ def _adapters(args) -> list[Path]:
 
 
 def _base_and_adapters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, help="base model dir (safetensors)")
+    parser.add_argument("--base", required=True, help="base model dir (safetensors or pytorch_model*.bin shards, or Meta consolidated.*.pth + params.json)")
     parser.add_argument("--adapter", default="", help="adapter dirs in training order: pt first, then sft (A1,A2)")
 
 

@@ -317,8 +317,11 @@ def _sentencepiece_class():
                 if run:
                     out.append(self.sp_model.decode(run))
                     run = []
+                added = self._added_tokens_decoder.get(token)
+                if added is None and token >= pieces:
+                    continue  # a padding row past the tokenizer (the embedding may be larger): no text
                 if not (skip_special_tokens and (token in special or token < pieces)):
-                    out.append(self.convert_ids_to_tokens(token))
+                    out.append(added.content if added is not None else self.sp_model.id_to_piece(token))
             if run:
                 out.append(self.sp_model.decode(run))
             return "".join(out)

@@ -239,3 +239,13 @@ def test_damaged_inputs_are_named(bases, tmp_path):
     (meta / "consolidated.02.pth").write_bytes(b"")
     with pytest.raises(LoraforgeError, match=r"consolidated.00.pth, consolidated.02.pth are not numbered"):
         plan(meta, [])
+
+
+@pytest.mark.slow
+def test_verify_reads_a_pth_base_too(bases, tmp_path):
+    """--verify's transformers reference comes from the same stream when the base is Meta's layout."""
+    from loraforge.eval.parity import verify_export
+
+    out = export_gguf(bases["pth"], [], tmp_path / "pth.gguf", "f32")
+    report = verify_export(out, bases["pth"], [], tmp_path / "pth.parity.json")
+    assert report["verdict"] == "PASS" and report["overall"]["top1"] == 1.0

@@ -121,7 +121,10 @@ def reference_model(base_dir: Path, adapter_dirs: list[Path]):
 
     from loraforge.export.weights import read_adapter
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if (Path(base_dir) / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    else:
+        model = _model_from_stream(base_dir)
     for index, adapter in enumerate(adapter_dirs):
         rows = read_adapter(adapter).vocab_rows  # an extended vocabulary: modules_to_save carry the rows
         if rows and rows != model.get_input_embeddings().weight.shape[0]:
@@ -130,6 +133,27 @@ def reference_model(base_dir: Path, adapter_dirs: list[Path]):
         if index < len(adapter_dirs) - 1:
             model = model.merge_and_unload()
     return model.eval()
+
+
+def _model_from_stream(base_dir: Path):
+    """A base transformers cannot load itself (Meta's consolidated.*.pth + params.json): the config and
+    tensors export reads, put into the transformers model they describe."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loraforge.export.weights import base_config, merged_tensors, plan
+
+    config = dict(base_config(base_dir))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config),
+                                             dtype=torch.float32)
+    state = {item.name: tensor for item, tensor in merged_tensors(plan(base_dir, []), [])}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if not m.endswith("rotary_emb.inv_freq") and m != "lm_head.weight"]:
+        raise LoraforgeError(f"{base_dir}: its tensors do not fill the model it describes (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    if "lm_head.weight" in missing:
+        model.tie_weights()
+    return model
 
 
 def _hf_logits(model, ids: list[int]) -> np.ndarray:
@@ -225,7 +249,9 @@ def _aggregate(logits: list[dict]) -> dict:
     decisive = sum(r["decisive_positions"] for r in logits)
     return {"positions": positions, "top1": sum(r["top1"] * r["positions"] for r in logits) / positions,
             "decisive_positions": decisive,
-            "top1_decisive": sum(r["top1_decisive"] * r["decisive_positions"] for r in logits) / max(decisive, 1),
+            # no decisive position at all (a random model's flat logits): nothing for top-1 to judge
+            "top1_decisive": sum(r["top1_decisive"] * r["decisive_positions"] for r in logits) / decisive
+            if decisive else 1.0,
             "kl_mean": sum(r["kl_mean"] * r["positions"] for r in logits) / positions,
             "kl_max": max(r["kl_max"] for r in logits), "max_abs_diff": max(r["max_abs_diff"] for r in logits)}
 

@@ -30,7 +30,23 @@ DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F
           "BOOL": torch.bool}
 
 
-class Shard:
+class _Entries:
+    """What both shard kinds answer from their `entries`: name → (dtype name, shape, …)."""
+
+    entries: dict
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.entries[name][1])
+
+    def dtype_name(self, name: str) -> str:
+        """safetensors' spelling: F32, F16, BF16, …"""
+        return self.entries[name][0]
+
+
+class Shard(_Entries):
     """One .safetensors file: its header, and `read(name)` for one tensor at a time."""
 
     def __init__(self, path: Path):
@@ -67,16 +83,6 @@ class Shard:
         raise LoraforgeError(f"{self.path}: cannot read safetensors ({reason}) — the file is corrupt or truncated; "
                              "copy or download it again") from None
 
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def shape(self, name: str) -> list[int]:
-        return list(self.entries[name][1])
-
-    def dtype_name(self, name: str) -> str:
-        """safetensors' spelling: F32, F16, BF16, …"""
-        return self.entries[name][0]
-
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor, or only rows [start, stop) of its first dimension."""
         dtype, shape, start, end = self.entries[name]
@@ -103,7 +109,7 @@ class Shard:
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
-class PickleShard:
+class PickleShard(_Entries):
     """One `torch.save` file (.bin / .pth) with the same interface as `Shard`."""
 
     def __init__(self, path: Path, keep_open: bool = False):
@@ -164,15 +170,6 @@ class PickleShard:
         if not isinstance(state, dict):
             raise LoraforgeError(f"{self.path}: holds a {type(state).__name__}, not a state dict of tensors")
         return state
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def shape(self, name: str) -> list[int]:
-        return list(self.entries[name][1])
-
-    def dtype_name(self, name: str) -> str:
-        return self.entries[name][0]
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor, or only rows [start, stop) of its first dimension, copied out of the mapping."""
