@@ -266,6 +266,91 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     add_generation_arguments(parser)
 
 
+def cmd_eval_generate(args) -> None:
+    from loraforge.eval.generate import run_from_args, seconds_per_100
+
+    result = run_from_args(args)
+    n = len(result.data.examples)
+    print(f"{result.data.description}; template {result.data.template or 'each model’s own'}")
+    print(result.table)
+    for model in result.models:
+        print(f"{model.label}: {model.seconds:.1f} s ({seconds_per_100(model, n):.1f} s per 100 examples, "
+              f"{model.engine}), predictions: {result.out_dir / model.predictions}")
+    print(f"wrote {result.out_dir / 'eval.json'} and {result.out_dir / 'eval.md'}")
+
+
+def _eval_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    from loraforge.eval.generate import add_eval_generate_arguments
+
+    add_eval_generate_arguments(parser)
+
+
+def _scoring_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a HF model dir, an adapter dir (its base is loaded) or a .gguf file")
+    parser.add_argument("--engine", choices=["auto", "llamacpp", "hf"], default="auto",
+                        help="auto: llama.cpp for .gguf, transformers (+peft) for directories")
+    parser.add_argument("--base", default=None, help="base model dir of an adapter (default: its adapter_config.json's)")
+    parser.add_argument("--adapter", default="", help="more adapters on top, comma-separated (peft dirs; "
+                                                      "one llama.cpp adapter .gguf for a .gguf model)")
+    parser.add_argument("--device", default=None, help="transformers engine: cpu or cuda (default: cuda if present)")
+    parser.add_argument("-o", "--output", default=None, metavar="DIR",
+                        help="new folder for eval.json + eval.md (default: beside the model, MODEL.eval-ppl / .eval-choice)")
+
+
+def _adapters(args) -> list[str]:
+    return [a for a in (args.adapter or "").split(",") if a]
+
+
+def cmd_eval_ppl(args) -> None:
+    from loraforge.eval.ppl import default_out_dir, format_perplexity, perplexity, write_report
+    from loraforge.outputs import check_new_dir
+
+    out_dir = Path(args.output) if args.output else default_out_dir(args.model, "ppl")
+    check_new_dir(out_dir)  # before the model loads
+    report = perplexity(args.model, Path(args.text), args.window, args.stride, args.engine, _adapters(args),
+                        args.base, args.device)
+    markdown = format_perplexity(report)
+    json_path, _ = write_report(report, out_dir, markdown)
+    print(markdown.strip())
+    print(f"wrote {json_path} and eval.md beside it")
+
+
+def _eval_ppl_arguments(parser: argparse.ArgumentParser) -> None:
+    _scoring_model_arguments(parser)
+    parser.add_argument("--text", required=True, help="UTF-8 text file (held-out text), scored as one text")
+    parser.add_argument("--window", type=int, default=None,
+                        help="tokens per window (default 512, or the model's context if shorter)")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="tokens between window starts (default half the window); each token is scored once")
+
+
+def cmd_eval_choice(args) -> None:
+    from loraforge.eval.choice import evaluate_choice, format_choice
+    from loraforge.eval.ppl import default_out_dir, write_report
+    from loraforge.outputs import check_new_dir
+
+    out_dir = Path(args.output) if args.output else default_out_dir(args.model, "choice")
+    check_new_dir(out_dir)  # before the model loads
+    subjects = [s for s in (args.subjects or "").split(",") if s]
+    report = evaluate_choice(args.model, Path(args.data), args.k, args.split, subjects, args.engine,
+                             _adapters(args), args.base, args.n_ctx, args.device, args.limit)
+    markdown = format_choice(report)
+    json_path, _ = write_report(report, out_dir, markdown)
+    print(markdown.strip())
+    print(f"wrote {json_path} and eval.md beside it")
+
+
+def _eval_choice_arguments(parser: argparse.ArgumentParser) -> None:
+    _scoring_model_arguments(parser)
+    parser.add_argument("--data", required=True, help="C-Eval or CMMLU data folder (one CSV per subject and split)")
+    parser.add_argument("-k", type=int, default=0, help="few-shot examples from dev/ (default 0: zero-shot)")
+    parser.add_argument("--split", default=None,
+                        help="val, test or dev (default: val where there is one, as C-Eval; else test, as CMMLU)")
+    parser.add_argument("--subjects", default="", help="comma-separated subjects (default: all)")
+    parser.add_argument("--limit", type=int, default=None, help="at most N questions per subject")
+    parser.add_argument("--n-ctx", type=int, default=None, help="llama.cpp context (default: the model's)")
+
+
 def _config_command(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -306,6 +391,57 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="llama.cpp threads (default: half the cores for one token, all cores for batches)")
 
 
+def cmd_eval_quant(args) -> None:
+    from loraforge.eval.quant_quality import evaluate_quants, format_quant_table
+
+    result = evaluate_quants(args.model, Path(args.text), [q for q in args.quants.split(",") if q], _adapters(args),
+                             Path(args.imatrix) if args.imatrix else None,
+                             Path(args.output) if args.output else None, Path(args.keep) if args.keep else None,
+                             args.max_kl, args.ctx, args.chunks, args.reference)
+    print(format_quant_table(result.report).strip())
+    print(f"wrote {result.json_path}, eval.md and {result.png_path.name} beside it")
+
+
+def _eval_quant_arguments(parser: argparse.ArgumentParser) -> None:
+    from loraforge.eval.quant_quality import DEFAULT_MAX_KL, DEFAULT_QUANTS
+
+    parser.add_argument("model", help="the HF base model dir (or an adapter dir) to export at each type")
+    parser.add_argument("--adapter", default="", help="adapter dirs applied on top, in training order (A1,A2)")
+    parser.add_argument("--quants", default=",".join(DEFAULT_QUANTS), help="comma-separated quantization types")
+    parser.add_argument("--text", required=True, help="UTF-8 held-out text to measure on")
+    parser.add_argument("--imatrix", default="", help="importance matrix for every export (loraforge export imatrix)")
+    parser.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL,
+                        help=f"KL budget in nats for the recommendation (default {DEFAULT_MAX_KL})")
+    parser.add_argument("--reference", choices=["f16", "f32"], default="f16", help="what KL is measured against")
+    parser.add_argument("--ctx", type=int, default=None, help="tokens per chunk (default 512 or the model's context)")
+    parser.add_argument("--chunks", type=int, default=0, help="score at most this many chunks (0: all)")
+    parser.add_argument("--keep", default="", metavar="DIR", help="keep the exported GGUFs in this new folder")
+    parser.add_argument("-o", "--output", default="", help="folder for eval.json, eval.md, kl_vs_size.png "
+                                                          "(default: MODEL.eval-quant beside the model)")
+
+
+def cmd_export_imatrix(args) -> None:
+    from loraforge.export.imatrix_compute import compute_imatrix
+
+    result = compute_imatrix(args.model, Path(args.text), Path(args.output), _adapters(args), args.ctx, args.chunks,
+                             args.process_output)
+    print(f"wrote {result.path}: {result.entries} tensors, {result.chunks} chunks of {result.chunk_size} tokens "
+          f"({result.seconds:.1f} s); use it with: loraforge export gguf ... --imatrix {result.path}")
+
+
+def _export_imatrix_arguments(parser: argparse.ArgumentParser) -> None:
+    from loraforge.export.imatrix_compute import DEFAULT_CHUNK
+
+    parser.add_argument("model", help="the HF base model dir (or an adapter dir)")
+    parser.add_argument("--adapter", default="", help="adapter dirs merged on top, in training order (A1,A2)")
+    parser.add_argument("--text", required=True, help="UTF-8 calibration text, ideally like the data the model sees")
+    parser.add_argument("--ctx", type=int, default=DEFAULT_CHUNK, help=f"tokens per chunk (default {DEFAULT_CHUNK})")
+    parser.add_argument("--chunks", type=int, default=0, help="use at most this many chunks (0: all)")
+    parser.add_argument("--process-output", action="store_true",
+                        help="collect output.weight too (off, as in llama-imatrix)")
+    parser.add_argument("-o", "--output", required=True, help="the imatrix .gguf to write")
+
+
 # (words, function, help, how to add arguments)
 COMMANDS: list[tuple[tuple[str, ...], Callable, str, Callable | None]] = [
     (("version",), cmd_version, "print the loraforge version", None),
@@ -324,6 +460,8 @@ COMMANDS: list[tuple[tuple[str, ...], Callable, str, Callable | None]] = [
     (("export", "gguf"), cmd_export_gguf, "base + adapters → one GGUF file in one streaming pass", _export_gguf_arguments),
     (("export", "lora-gguf"), cmd_export_lora_gguf, "a peft LoRA adapter → llama.cpp's GGUF adapter format",
      _export_lora_gguf_arguments),
+    (("export", "imatrix"), cmd_export_imatrix,
+     "importance matrix from your own text (llama-imatrix's format, no llama.cpp binary)", _export_imatrix_arguments),
     (("export", "ollama"), cmd_export_ollama, "an Ollama Modelfile next to an exported GGUF", _export_ollama_arguments),
     (("merge",), cmd_merge, "merge LoRA adapters into the base, streamed tensor by tensor", _merge_arguments),
     (("chat",), cmd_chat, "chat with a model in the terminal, streamed (/system, /clear, /history, /exit)",
@@ -331,6 +469,17 @@ COMMANDS: list[tuple[tuple[str, ...], Callable, str, Callable | None]] = [
     (("generate",), cmd_generate, "batch generation over a jsonl file, with a progress bar", _generate_arguments),
     (("gguf", "inspect"), cmd_gguf_inspect, "metadata, tensor count by type, size and bits per weight of a GGUF",
      _gguf_inspect_arguments),
+    # eval: one subcommand per measurement, each writing eval.json + eval.md
+    (("eval", "generate"), cmd_eval_generate,
+     "generate on an SFT dataset's prompts: BLEU-4, ROUGE-1/2/L, exact match, length, BERTScore; --compare",
+     _eval_generate_arguments),
+    (("eval", "ppl"), cmd_eval_ppl,
+     "perplexity of a text file in strided windows (transformers' rule), HF or GGUF", _eval_ppl_arguments),
+    (("eval", "choice"), cmd_eval_choice,
+     "C-Eval/CMMLU multiple choice by next-token letter logits, zero- or k-shot, per subject", _eval_choice_arguments),
+    (("eval", "quant"), cmd_eval_quant,
+     "per quant type: size, bpw, perplexity, KL vs F16 (mean, p99), top-1, tokens/s; plot; recommendation",
+     _eval_quant_arguments),
     (("serve",), cmd_serve, "OpenAI-compatible server with continuous batching, LoRA adapters by name, chat page",
      _serve_arguments),
 ]

@@ -80,8 +80,8 @@ def importance_of(planned: list[Planned], names: dict[str, str], kinds: dict[str
             where = f"{imatrix} has no entry for it" if imatrix else "no --imatrix was given"
             raise LoraforgeError(
                 f"--quant {scheme.name} writes {name} as {kind.name}, which needs an importance matrix, and "
-                f"{where}: compute one with `loraforge export imatrix` (planned, with the eval work; no llama.cpp "
-                "binary needed) or today with llama.cpp's `llama-imatrix -m model-f16.gguf -f calibration.txt`, "
+                f"{where}: compute one from your own text with `loraforge export imatrix MODEL --text calibration.txt "
+                "-o imatrix.gguf` (no llama.cpp binary needed) or with llama.cpp's `llama-imatrix`, "
                 "and pass --imatrix FILE, or choose a scheme that works without one (q4_k_m, iq4_xs, q3_k_m …)")
     return found
 
