@@ -43,29 +43,6 @@ def pretrained_wide(work: Path, steps: int) -> Path:
     return out
 
 
-def with_outliers(model_dir: Path, out: Path) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            for norm, readers in ((layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
-                                  (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])):
-                scale = torch.ones(norm.weight.shape[0])
-                scale[torch.randperm(len(scale), generator=generator)[:len(scale) // 25]] = 8.0
-                norm.weight.mul_(scale)
-                for linear in readers:
-                    linear.weight.div_(scale)
-    model.save_pretrained(out)
-    for f in model_dir.iterdir():
-        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
-            shutil.copy(f, out / f.name)
-    return out
-
-
 def measure(model: Path, work: Path) -> list[tuple[str, str, dict, dict]]:
     from loraforge.eval.quant_quality import evaluate_quants
     from loraforge.export.imatrix import load_imatrix
@@ -92,12 +69,14 @@ def main() -> None:
     parser.add_argument("--outliers", action="store_true", help="also the same model with outlier channels")
     parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
+    from loraforge.tiny import add_outlier_channels
+
     work = Path(tempfile.mkdtemp(prefix="imatrix-kl-"))
     try:
         model = pretrained_wide(work, args.steps)
         results = measure(model, work)
         if args.outliers:
-            results += measure(with_outliers(model, work / "outliers"), work)
+            results += measure(add_outlier_channels(model, work / "outliers"), work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     lines = ["| model | type | KL mean without | KL mean with imatrix | change | KL p99 without | with |",

@@ -117,12 +117,43 @@ def main() -> None:
           f"or chat in the terminal:       loraforge chat {where} --temperature 0\n"
           "(a model this small answers its trained questions greedily; sampled answers wander — set the "
           "page's temperature to 0 too)")
+    evaluation, quant = demo_eval(base, run_dir, gguf_path, config.data.template)
     summary = {"pt_base": str(base), "sft_loss_first": round(result.first_loss, 3),
                "sft_loss_last": round(result.last_loss, 3), "exact_answers": f"{len(exact)}/{len(rows)}",
                "gguf": str(gguf_path), "gguf_same_as_trained": f"{same}/3", "q4_k_m_same_as_trained": f"{same_q4}/3",
                "served_same_as_trained": served.strip() == shown[0][2].strip(),
+               "heldout_rouge_l_tuned_vs_base": [round(m.metrics["rouge-l"], 2) for m in evaluation.models],
+               "quant_recommendation": quant.report["recommendation"],
                "seconds": round(time.perf_counter() - start, 1)}
     print("\n" + json.dumps(summary, ensure_ascii=False))
+
+
+def demo_eval(base: Path, run_dir: Path, gguf_path: Path, template: str):
+    """The short eval the demo ends with: the tuned model (its Q8_0 GGUF, which answers as trained) against
+    the demo base on questions it never saw (openai_zh_demo), and the quant report for three types."""
+    from loraforge.eval.generate import ModelSpec, eval_generate, load_eval_data
+    from loraforge.eval.quant_quality import evaluate_quants
+    from loraforge.infer.engine import GenerationConfig
+
+    out = ROOT / "runs" / "demo-eval"
+    shutil.rmtree(out, ignore_errors=True)
+    data = load_eval_data(["openai_zh_demo"], dataset_dir=str(EXAMPLES / "data"), template=template)
+    print(f"\neval generate on {len(data.examples)} held-out questions (openai_zh_demo, never trained on): "
+          "the tuned model against the demo base")
+    evaluation = eval_generate([ModelSpec(str(gguf_path)), ModelSpec(str(base), engine="hf")], data, out,
+                               GenerationConfig(temperature=0.0, max_new_tokens=64))
+    print(f"{evaluation.table}\n(predictions and eval.md in {out}; a 4.4M-parameter model learns its trained "
+          "answers by heart but cannot generalise to new questions, so neither column is good here — on a real "
+          "base this table is the one to read)")
+    quant_dir = ROOT / "runs" / "demo-quant"
+    shutil.rmtree(quant_dir, ignore_errors=True)
+    print("\neval quant: which quantization to ship (KL from F16 on zh_heldout.txt, llama-perplexity's rule)")
+    quant = evaluate_quants(run_dir, EXAMPLES / "data" / "zh_heldout.txt", ["q8_0", "q4_k_m", "q3_k_m"],
+                            out_dir=quant_dir, n_ctx=128)
+    table = [line for line in quant.md_path.read_text(encoding="utf-8").splitlines() if line.startswith("|")]
+    print("\n".join(table))
+    print(f"{quant.report['recommendation_text']}  (table and kl_vs_size.png in {quant_dir})")
+    return evaluation, quant
 
 
 if __name__ == "__main__":

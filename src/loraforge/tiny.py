@@ -122,3 +122,30 @@ def build_tiny_model(tokenizer_dir: Path, out_dir: Path, shape: TinyShape = Tiny
     model.save_pretrained(out_dir)
     save_tokenizer(tokenizer, out_dir)
     return out_dir
+
+
+def add_outlier_channels(model_dir: Path, out: Path, share: int = 25, factor: float = 8.0, seed: int = 0) -> Path:
+    """The same function with a real LLM's activation profile: in every layer 1/`share` of each RMSNorm's
+    channels × `factor` and the weight columns that read them ÷ `factor` (an exact reparameterization).
+
+    A tiny model trained for seconds has no outlier activation channels; real ones do (LLM.int8(),
+    Dettmers et al. 2022), and they are what an importance matrix exploits."""
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.tokenizer import copy_tokenizer_files
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for norm, readers in ((layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
+                                  (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])):
+                scale = torch.ones(norm.weight.shape[0])
+                scale[torch.randperm(len(scale), generator=generator)[:len(scale) // share]] = factor
+                norm.weight.mul_(scale)
+                for linear in readers:
+                    linear.weight.div_(scale)
+    model.save_pretrained(out)
+    copy_tokenizer_files(model_dir, out)
+    return out
