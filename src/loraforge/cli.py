@@ -302,14 +302,27 @@ def _adapters(args) -> list[str]:
 
 
 def cmd_eval_ppl(args) -> None:
-    from loraforge.eval.ppl import default_out_dir, format_perplexity, perplexity, write_report
-    from loraforge.outputs import check_new_dir
+    from loraforge.eval.ppl import format_perplexity, perplexity
 
-    out_dir = Path(args.output) if args.output else default_out_dir(args.model, "ppl")
-    check_new_dir(out_dir)  # before the model loads
+    out_dir = _eval_out_dir(args, "ppl")
     report = perplexity(args.model, Path(args.text), args.window, args.stride, args.engine, _adapters(args),
                         args.base, args.device)
-    markdown = format_perplexity(report)
+    _write_eval(report, out_dir, format_perplexity(report))
+
+
+def _eval_out_dir(args, kind: str) -> Path:
+    """-o, or the folder beside the model; refused if it holds anything, before the model loads."""
+    from loraforge.eval.ppl import default_out_dir
+    from loraforge.outputs import check_new_dir
+
+    out_dir = Path(args.output) if args.output else default_out_dir(args.model, kind)
+    check_new_dir(out_dir)
+    return out_dir
+
+
+def _write_eval(report: dict, out_dir: Path, markdown: str) -> None:
+    from loraforge.eval.ppl import write_report
+
     json_path, _ = write_report(report, out_dir, markdown)
     print(markdown.strip())
     print(f"wrote {json_path} and eval.md beside it")
@@ -326,18 +339,12 @@ def _eval_ppl_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_eval_choice(args) -> None:
     from loraforge.eval.choice import evaluate_choice, format_choice
-    from loraforge.eval.ppl import default_out_dir, write_report
-    from loraforge.outputs import check_new_dir
 
-    out_dir = Path(args.output) if args.output else default_out_dir(args.model, "choice")
-    check_new_dir(out_dir)  # before the model loads
+    out_dir = _eval_out_dir(args, "choice")
     subjects = [s for s in (args.subjects or "").split(",") if s]
     report = evaluate_choice(args.model, Path(args.data), args.k, args.split, subjects, args.engine,
                              _adapters(args), args.base, args.n_ctx, args.device, args.limit)
-    markdown = format_choice(report)
-    json_path, _ = write_report(report, out_dir, markdown)
-    print(markdown.strip())
-    print(f"wrote {json_path} and eval.md beside it")
+    _write_eval(report, out_dir, format_choice(report))
 
 
 def _eval_choice_arguments(parser: argparse.ArgumentParser) -> None:
