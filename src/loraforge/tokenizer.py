@@ -135,7 +135,7 @@ def load_tokenizer(folder: Path, fallbacks: Sequence[Path] = (), trust_remote_co
     LoraforgeError naming the folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise LoraforgeError(f"{folder}: no such directory — pass a model, run or tokenizer directory")
+        raise LoraforgeError(f"no such model directory: {folder} — pass a model, run or tokenizer directory")
     model_file = find_sentencepiece(folder, fallbacks)
     if model_file is not None:
         return sentencepiece_tokenizer(folder, model_file)

@@ -17,6 +17,7 @@ from typing import Literal
 from loraforge.data.formats import COLUMN_DEFAULTS, FORMATTINGS, SUPPORTED_SUFFIXES, load_records
 from loraforge.data.records import LoadReport
 from loraforge.errors import LoraforgeError
+from loraforge.textfiles import read_text
 
 DATASET_INFO = "dataset_info.json"
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url")
@@ -46,14 +47,32 @@ def _read_entries(data_dir: Path) -> dict[str, dict]:
         raise LoraforgeError(f"{info} not found: data.dir must be a folder with a {DATASET_INFO} "
                              "(LLaMA-Factory's layout), or give data.datasets as file paths")
     try:
-        entries = json.loads(info.read_text(encoding="utf-8-sig"))
+        entries = json.loads(read_text(info))
     except json.JSONDecodeError as error:
         raise LoraforgeError(
             f"{info}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno})") from None
-    if not isinstance(entries, dict) or not all(isinstance(entry, dict) for entry in entries.values()):
+    if not isinstance(entries, dict):
         raise LoraforgeError(f"{info}: expected an object of dataset entries, "
                              '{"name": {"file_name": "data.json", ...}, ...}')
+    for name, entry in entries.items():
+        if not isinstance(entry, dict):
+            raise LoraforgeError(f"{info}: entry '{name}' must be an object like {{\"file_name\": \"data.json\"}}, "
+                                 f"got {entry!r:.40}")
+        _check_nesting(info, name, entry)
     return entries
+
+
+def _check_nesting(info: Path, name: str, entry: dict) -> None:
+    """Users paste one dataset_info.json into another as a key ("dataset_info.json": {...});
+    without this its datasets are silently missing, and asking for one says 'download it'."""
+    if "file_name" in entry or any(key in entry for key in HUB_KEYS) or not entry:
+        return
+    inner = [key for key, value in entry.items()
+             if isinstance(value, dict) and ("file_name" in value or any(k in value for k in HUB_KEYS))]
+    if inner:
+        shown = ", ".join(f"'{key}'" for key in inner[:5])
+        raise LoraforgeError(f"{info}: entry '{name}' holds dataset entries ({shown}) one level too deep — "
+                             f"move them to the top level of the file and delete '{name}'")
 
 
 def _spec_from_entry(data_dir: Path, name: str, entry: dict) -> DatasetSpec:
@@ -63,6 +82,10 @@ def _spec_from_entry(data_dir: Path, name: str, entry: dict) -> DatasetSpec:
         hub = next((f"{key} '{entry[key]}'" for key in HUB_KEYS if key in entry), "no file_name")
         raise LoraforgeError(f"{where} has {hub}: loraforge does not download datasets — download it "
                              f"into {data_dir} and point the entry's file_name at it")
+    file_name = entry["file_name"]
+    if not isinstance(file_name, str) or not file_name.strip():
+        raise LoraforgeError(f"{where}: file_name must be a file or folder name as a string, got "
+                             f"{file_name!r:.40} — write it as \"file_name\": \"data.json\"")
     if entry.get("ranking"):
         raise LoraforgeError(f"{where} is preference data (ranking: true): loraforge trains stage pt "
                              "and sft only — pick an instruction or text dataset")
@@ -74,7 +97,7 @@ def _spec_from_entry(data_dir: Path, name: str, entry: dict) -> DatasetSpec:
         if entry.get(key) is not None and not isinstance(entry[key], dict):
             raise LoraforgeError(f"{where}: {key} must be an object, got {entry[key]!r:.40}")
     columns = _entry_columns(where, formatting, entry.get("columns"))
-    return DatasetSpec(name=name, path=Path(data_dir) / entry["file_name"], formatting=formatting,
+    return DatasetSpec(name=name, path=Path(data_dir) / file_name, formatting=formatting,
                        columns=columns, tags=entry.get("tags"))
 
 

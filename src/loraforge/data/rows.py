@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge.errors import LoraforgeError
+from loraforge.textfiles import read_text
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
@@ -59,19 +60,8 @@ def read_rows(path: Path) -> Iterator[tuple[str, object]]:
     return reader(path)
 
 
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")  # -sig: Excel and Notepad start UTF-8 files with a BOM
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise LoraforgeError(
-            f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}) — save the file as UTF-8 "
-            "(Excel: 'CSV UTF-8'; a GBK file: iconv -f gbk -t utf-8)") from None
-
-
 def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
-    text = _read_text(path)
+    text = read_text(path)
     decoder = json.JSONDecoder()
     pos = _JSON_SPACE.match(text).end()
     if pos == len(text):
@@ -124,7 +114,7 @@ def _json_error(path: Path, text: str, pos: int, message: str) -> LoraforgeError
 
 
 def _jsonl_rows(path: Path, text: str | None = None) -> Iterator[tuple[str, object]]:
-    for number, line in enumerate((_read_text(path) if text is None else text).split("\n"), 1):
+    for number, line in enumerate((read_text(path) if text is None else text).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -134,7 +124,7 @@ def _jsonl_rows(path: Path, text: str | None = None) -> Iterator[tuple[str, obje
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, object]]:
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
     try:
         # hand-written headers often read "instruction, input, output"
         header = [name.strip() for name in next(reader, [])]
@@ -154,7 +144,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def _txt_rows(path: Path) -> Iterator[tuple[str, object]]:
-    for number, line in enumerate(_read_text(path).split("\n"), 1):
+    for number, line in enumerate(read_text(path).split("\n"), 1):
         line = line.rstrip("\r")
         if line.strip():
             yield f"{path}:{number}", {"text": line}

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from loraforge.errors import LoraforgeError
 from loraforge.infer.engine import Engine, GenerationConfig, message_text
+from loraforge.infer.llamacpp import UnsupportedOption
 from loraforge.outputs import new_file, write_text
+from loraforge.textfiles import read_text
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system"}
@@ -86,17 +88,16 @@ def read_requests(path: Path) -> list[tuple[int, dict, list[dict] | str]]:
     if not path.exists():
         raise LoraforgeError(f"{path}: no such input file")
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LoraforgeError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}) — "
-                                     "one JSON object per line") from None
-            rows.append((number, record, request_of(record, where)))
+    for number, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LoraforgeError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}) — "
+                                 "one JSON object per line") from None
+        rows.append((number, record, request_of(record, where)))
     if not rows:
         raise LoraforgeError(f"{path}: no requests (one JSON object per line)")
     return rows
@@ -114,6 +115,8 @@ def generate_file(engine: Engine, input_path: Path, output_path: Path, config: G
             for number, record, request in progress:
                 try:
                     done = engine.complete(request, config)
+                except UnsupportedOption:
+                    raise
                 except LoraforgeError as exc:
                     raise LoraforgeError(f"{input_path}:{number}: {exc}") from None
                 tokens += len(done.token_ids)

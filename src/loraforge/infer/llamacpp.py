@@ -13,6 +13,21 @@ from pathlib import Path
 from loraforge.data.records import Turn
 from loraforge.data.templates import Template, render_prompt
 from loraforge.env import usable_cpus
+from loraforge.errors import LoraforgeError
+
+
+class UnsupportedOption(LoraforgeError):
+    """A generation option llama.cpp cannot honour. It fails every request alike, so a caller
+    looping over a prompts file reports it as the flag it is, not as the line it stopped on."""
+
+
+def check_supported(config) -> None:
+    given = [f"--{name.replace('_', '-')} {value}" for name, value, default in
+             (("num_beams", config.num_beams, 1), ("no_repeat_ngram_size", config.no_repeat_ngram_size, 0))
+             if value != default]
+    if given:
+        raise UnsupportedOption(f"{' and '.join(given)}: transformers-only parameters (llama.cpp has no beam "
+                                "search or n-gram ban) — drop the flag, or use --engine hf with a model directory")
 
 
 def load_gguf(path: Path, n_ctx: int = 0):
@@ -96,12 +111,9 @@ class LlamaCppEngine:
     def stream(self, request, config):
         import llama_cpp
 
-        from loraforge.errors import LoraforgeError
         from loraforge.infer.engine import ByteText, check_fits, prompt_ids, stream_tokens
 
-        if config.num_beams > 1 or config.no_repeat_ngram_size:
-            raise LoraforgeError("num_beams and no_repeat_ngram_size are transformers-only parameters: "
-                                 "use --engine hf, or leave them at 1 and 0")
+        check_supported(config)
         ids = prompt_ids(self, request)
         check_fits(len(ids), self.n_ctx)
         self.llm.set_seed(config.seed if config.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)

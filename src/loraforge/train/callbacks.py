@@ -21,10 +21,14 @@ class JsonlLogger(TrainerCallback):
         self.start = time.perf_counter()
         self.last_time = self.start
         self.last_tokens = 0
+        self.start_step = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last_time = time.perf_counter()
         self.last_tokens = state.num_input_tokens_seen or 0
+        # after a resume global_step starts at the checkpoint's step but the clock starts at 0:
+        # the rate is measured over the steps this process ran
+        self.start_step = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -40,12 +44,19 @@ class JsonlLogger(TrainerCallback):
         if "loss" in logs and window > 0:
             record["tokens_per_s"] = round((tokens - self.last_tokens) / window, 1)
             self.last_time, self.last_tokens = now, tokens
-        done = state.global_step / state.max_steps if state.max_steps else 0
         record["elapsed_s"] = round(elapsed, 2)
-        record["remaining_s"] = round(elapsed / done - elapsed, 2) if done > 0 else None
+        record["remaining_s"] = remaining_seconds(elapsed, self.start_step, state.global_step, state.max_steps)
         record["tokens_seen"] = tokens
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+def remaining_seconds(elapsed: float, start_step: int, step: int, max_steps: int) -> float | None:
+    """Time left at the rate of the steps run since `start_step` (this process's first step)."""
+    ran = step - start_step
+    if not max_steps or ran <= 0:
+        return None
+    return round(elapsed / ran * max(max_steps - step, 0), 2)
 
 
 def read_log(path: Path) -> list[dict]:

@@ -7,6 +7,8 @@ lm_head) is trained in full next to any adapter — how an extended vocabulary l
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -33,8 +35,21 @@ def compute_dtype(config: Config) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def check_model_dir(path: str, key: str = "model.path") -> None:
+    """Refuse a missing folder here: transformers would read it as a hub repo id and answer
+    "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise LoraforgeError(f"no such model directory: {path} ({key}) — set {key} to a local folder "
+                             "with config.json and the weights (loraforge does not download models)")
+    if not folder.is_dir():
+        raise LoraforgeError(f"{key}={path} is a file, not a model directory — pass the folder that holds it")
+
+
 def load_base_model(config: Config):
     from transformers import AutoModelForCausalLM
+
+    check_model_dir(config.model.path)
 
     kwargs: dict = {"trust_remote_code": config.model.trust_remote_code}
     dtype = compute_dtype(config)
@@ -55,7 +70,7 @@ def load_base_model(config: Config):
     kwargs["dtype"] = torch.float32 if config.method == "full" else dtype
     try:
         return AutoModelForCausalLM.from_pretrained(config.model.path, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise LoraforgeError(f"model.path={config.model.path}: cannot load a model there ({exc})") from None
 
 

@@ -26,6 +26,7 @@ from loraforge.tokenizer import load_tokenizer as load_folder_tokenizer
 from loraforge.train.callbacks import JsonlLogger, plot_loss, read_log
 from loraforge.train.methods import (
     apply_method,
+    check_model_dir,
     compute_dtype,
     has_cuda,
     load_base_model,
@@ -48,6 +49,9 @@ class RunResult:
 def load_tokenizer(config: Config):
     """The tokenizer the run trains with (loraforge.tokenizer: sentencepiece's ids for a SentencePiece
     vocabulary), carrying the template as its chat_template."""
+    check_model_dir(config.model.path)
+    if config.model.tokenizer:
+        check_model_dir(config.model.tokenizer, "model.tokenizer")
     source = config.model.tokenizer or config.model.path
     tokenizer = load_folder_tokenizer(Path(source), fallbacks=[Path(config.model.path)],
                                       trust_remote_code=config.model.trust_remote_code)
