@@ -197,7 +197,7 @@ class Scheduler:
             try:
                 if not lane.context.trim_sequence(slot.seq, keep):
                     keep = 0
-                sampler = sampler_chain(self.model.lib, job.params, self.model.n_vocab)
+                sampler = sampler_chain(self.model.lib, job.params, self.model.n_vocab, self.model.vocab)
             except Exception as exc:  # never let one request's setup stop the decode thread
                 job.emit(Failed(f"could not start decoding: {exc}"))
                 continue
@@ -303,7 +303,7 @@ class Scheduler:
         slot.next_token = token
 
     def _finish(self, lane: Lane, slot: Slot, reason: str, text: str = "") -> None:
-        text += slot.stream.finish()
+        text += slot.stream.finish(cut=reason == "length")
         slot.job.emit(Finished(reason, len(slot.job.prompt), slot.generated, text))
         self._release(lane, slot, slot.job)
 

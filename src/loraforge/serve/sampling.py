@@ -30,14 +30,25 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_tokens: frozenset[int] = field(default_factory=frozenset)  # e.g. a template's end token
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    grammar: str | None = None  # GBNF the answer must follow (response_format), root rule "root"
 
 
-def sampler_chain(lib, params: SamplingParams, n_vocab: int):
-    """A llama.cpp sampler chain for one request; free it with `lib.llama_sampler_free`."""
+def sampler_chain(lib, params: SamplingParams, n_vocab: int, vocab=None):
+    """A llama.cpp sampler chain for one request; free it with `lib.llama_sampler_free`.
+    `vocab` (a llama_vocab pointer) is needed only for a grammar."""
     chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
 
     def add(sampler) -> None:
         lib.llama_sampler_chain_add(chain, sampler)
+
+    if params.grammar is not None:
+        # First, so every later sampler sees only tokens the grammar allows (-inf for the
+        # rest); the chain's accept advances the grammar with each drawn token.
+        grammar = lib.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
+        if not grammar:
+            lib.llama_sampler_free(chain)
+            raise ValueError("llama.cpp could not parse the response_format grammar")
+        add(grammar)
 
     if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
         add(lib.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, params.repeat_penalty,
@@ -77,9 +88,12 @@ class TextStream:
         text, self.stopped = self._stops.push(self._bytes(data))
         return text
 
-    def finish(self) -> str:
-        """The end of generation: flush what was held back (a stop prefix is just text now)."""
+    def finish(self, cut: bool = False) -> str:
+        """The end of generation: flush what was held back (a stop prefix is just text now).
+        `cut`: the answer ended by length, so held bytes are the start of a character that
+        never came — dropped, not shown as U+FFFD (a truncated Chinese answer would end in
+        a broken glyph)."""
         if self.stopped:
             return ""
-        text, self.stopped = self._stops.push(self._bytes.flush())
+        text, self.stopped = ("", False) if cut else self._stops.push(self._bytes.flush())
         return text + ("" if self.stopped else self._stops.flush())

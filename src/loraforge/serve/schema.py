@@ -5,14 +5,24 @@ for (`user`, `logit_bias`, `parallel_tool_calls`, …), and refusing them would 
 clients. Known keys are checked strictly — `"max_tokens": "16"` or `"temperature": "hot"`
 is a 400 naming the field, never a silent coercion. Known features this server does not
 implement (`n` > 1, `logprobs`, `tools`, `best_of`, `echo`, `suffix`) are refused with a
-400 rather than quietly answered differently than asked.
+400 rather than quietly answered differently than asked; `response_format` is held by a
+grammar (llama.cpp engine) or refused (the HF engine), never ignored.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from loraforge.errors import LoraforgeError
 from loraforge.serve.sampling import SamplingParams
@@ -45,6 +55,35 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    name: str = "response"
+    schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None  # None: any JSON object
+    strict: bool | None = None  # the answer always follows the schema here: it is a grammar
+
+
+class ResponseFormat(_Body):
+    """OpenAI's structured output, held by a llama.cpp grammar: the sampler can only draw
+    tokens that keep the answer a prefix of valid JSON (of the schema), as llama-server does."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    _grammar: str | None = PrivateAttr(None)  # GBNF; None for free text
+
+    @model_validator(mode="after")
+    def _to_grammar(self):
+        # converted while validating, so a schema the converter cannot take is a 400 naming it
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema: required when type is 'json_schema' ({'name': …, 'schema': {…}})")
+        if self.type == "json_object" or (self.type == "json_schema" and self.json_schema.schema_ is None):
+            self._grammar = json_object_grammar()
+        elif self.type == "json_schema":
+            self._grammar = json_schema_grammar(self.json_schema.schema_)
+        return self
+
+    def grammar(self) -> str | None:
+        return self._grammar
+
+
 class _Generation(_Body):
     model: str
     max_tokens: Annotated[int, Field(gt=0)] | None = None
@@ -63,6 +102,7 @@ class _Generation(_Body):
     n: Annotated[int, Field(ge=1)] = 1
     logprobs: bool | int | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -86,7 +126,8 @@ class _Generation(_Body):
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, typical_p=self.typical_p, repeat_penalty=self.repeat_penalty,
             frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty, seed=self.seed,
-            stop=tuple(dict.fromkeys([*(self.stop or ()), *stop])), stop_tokens=stop_tokens, ignore_eos=self.ignore_eos)
+            stop=tuple(dict.fromkeys([*(self.stop or ()), *stop])), stop_tokens=stop_tokens, ignore_eos=self.ignore_eos,
+            grammar=self.response_format.grammar() if self.response_format else None)
 
     @property
     def include_usage(self) -> bool:
@@ -105,7 +146,9 @@ class ChatCompletionRequest(_Generation):
         return self
 
     def message_dicts(self) -> list[dict]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        # "developer" is OpenAI's newer name for the system role (o1 and later); chat
+        # templates know only "system"
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
 class CompletionRequest(_Generation):
@@ -123,6 +166,21 @@ class CompletionRequest(_Generation):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+def json_object_grammar() -> str:
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    return JSON_GBNF
+
+
+def json_schema_grammar(schema: dict) -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # the converter raises whatever it meets (KeyError, ValueError, …)
+        raise ValueError(f"json_schema.schema: cannot be turned into a grammar: {type(exc).__name__}: {exc}") from None
 
 
 def parse_body(model: type[_Body], raw: bytes) -> _Body:

@@ -66,6 +66,13 @@ class SerialScheduler:
         if job.lane not in self.engines:
             raise LoraforgeError(f"unknown model '{job.lane}': this server has {', '.join(self.engines)}")
         self.check_prompt(job.prompt)
+        if job.params.grammar is not None:
+            # transformers has no grammar sampler here; an unconstrained answer would be a
+            # silent lie about the format
+            raise LoraforgeError("response_format: json_object and json_schema are enforced with llama.cpp's "
+                                 "grammar sampler, which the HF engine does not have: export the model "
+                                 "(loraforge export gguf) and serve the .gguf, or ask for JSON in the prompt "
+                                 "with response_format text")
         with self._wake:
             self._waiting.append(job)
             self.metrics.occupancy(len(self._waiting), self.metrics.busy_slots)
