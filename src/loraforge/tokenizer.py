@@ -34,7 +34,7 @@ from pathlib import Path
 from loraforge.errors import LoraforgeError
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja")
+                   "chat_template.jinja", "added_tokens.json")
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 

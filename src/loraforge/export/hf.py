@@ -28,10 +28,9 @@ from loraforge.export.weights import (
     tokenizer_source,
 )
 from loraforge.outputs import check_new_dir, new_dir
+from loraforge.tokenizer import copy_tokenizer_files
 
 SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "chat_template.jinja", "added_tokens.json")
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # what transformers' save_pretrained uses
 
 
@@ -61,10 +60,7 @@ def safetensors_header(items: list[Planned]) -> bytes:
 
 
 def copy_tokenizer(base_dir: Path, adapters: list[Adapter], out_dir: Path) -> None:
-    source = tokenizer_source(base_dir, adapters)
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copy(source / name, out_dir / name)
+    copy_tokenizer_files(tokenizer_source(base_dir, adapters), out_dir)
     if (Path(base_dir) / "generation_config.json").exists():
         shutil.copy(Path(base_dir) / "generation_config.json", out_dir / "generation_config.json")
 
