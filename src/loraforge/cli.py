@@ -29,19 +29,32 @@ def cmd_env(args) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def _print_notes(notes: list[str]) -> None:
+    """One line per LLaMA-Factory key that means nothing here, so the user knows it was read."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+
+
+def _config(args):
+    from loraforge.config import read_config
+
+    config, notes = read_config(args.config, args.overrides)
+    _print_notes(notes)
+    return config
+
+
 def cmd_data_check(args) -> None:
-    from loraforge.config import load_config
     from loraforge.data.check import check_data, format_report
 
-    report = check_data(load_config(args.config, args.overrides))
+    report = check_data(_config(args))
     print(format_report(report))
 
 
 def cmd_train(args) -> None:
-    from loraforge.config import load_config
     from loraforge.train.run import train
 
-    config = load_config(args.config, args.overrides)
+    config = _config(args)
     result = train(config)
     if int(os.environ.get("RANK", "0")) == 0:
         loss = f"loss {result.first_loss:.4f} → {result.last_loss:.4f}" if result.first_loss is not None else ""
@@ -60,7 +73,29 @@ def _base_and_adapters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default="", help="adapter dirs in training order: pt first, then sft (A1,A2)")
 
 
+def _from_lf_yaml(args, path: str, command: str) -> None:
+    """Fill the arguments not given on the command line from a LLaMA-Factory merge/inference YAML."""
+    from loraforge.config_lf import read_lf_command
+
+    values, notes = read_lf_command(path, command)
+    _print_notes(notes)
+    for dest, value in values.items():
+        if getattr(args, dest, None) in (None, "", "auto"):
+            setattr(args, dest, value)
+
+
+def _is_yaml(path: str | None) -> bool:
+    return bool(path) and Path(path).suffix.lower() in (".yaml", ".yml")
+
+
 def cmd_merge(args) -> None:
+    if args.config:
+        _from_lf_yaml(args, args.config, "merge")
+    missing = [flag for flag, value in (("--base", args.base), ("-o/--output", args.output)) if not value]
+    if missing:
+        raise LoraforgeError(f"merge needs {' and '.join(missing)} (or a LLaMA-Factory merge_lora YAML with "
+                             "model_name_or_path and export_dir: loraforge merge FILE.yaml)")
+    args.max_shard_gb = 5.0 if args.max_shard_gb is None else float(args.max_shard_gb)
     adapters = _adapters(args)
     if args.format == "pth":
         from loraforge.export.pth import merge_to_pth
@@ -75,11 +110,17 @@ def cmd_merge(args) -> None:
 
 
 def _merge_arguments(parser: argparse.ArgumentParser) -> None:
-    _base_and_adapters(parser)
-    parser.add_argument("-o", "--output", required=True, help="new directory for the merged model")
+    parser.add_argument("config", nargs="?", default=None, metavar="LF_MERGE.yaml",
+                        help="a LLaMA-Factory merge_lora YAML (model_name_or_path, adapter_name_or_path, export_dir, "
+                             "export_size); flags given as well win")
+    parser.add_argument("--base", default=None, help="base model dir (safetensors or pytorch_model*.bin shards, "
+                                                     "or Meta consolidated.*.pth + params.json)")
+    parser.add_argument("--adapter", default="", help="adapter dirs in training order: pt first, then sft (A1,A2)")
+    parser.add_argument("-o", "--output", default=None, help="new directory for the merged model")
     parser.add_argument("--format", choices=["hf", "pth"], default="hf",
                         help="hf: sharded safetensors + config + tokenizer; pth: Meta consolidated.00.pth + params.json")
-    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GiB (hf)")
+    parser.add_argument("--max-shard-gb", type=float, default=None,
+                        help="largest safetensors shard, in GiB (hf; default 5)")
     _force_argument(parser)
 
 
@@ -225,6 +266,11 @@ def cmd_chat(args) -> None:
     from loraforge.infer.chat import run_chat
     from loraforge.infer.options import engine_from, generation_config
 
+    if _is_yaml(args.model):  # LLaMA-Factory's `llamafactory-cli chat inference.yaml`
+        path, args.model = args.model, None
+        _from_lf_yaml(args, path, "chat")
+        if not args.model:
+            raise LoraforgeError(f"{path}: model_name_or_path is not set (the model to chat with)")
     config = generation_config(args)
     engine = engine_from(args)
     try:
@@ -367,6 +413,8 @@ def _config_command(parser: argparse.ArgumentParser) -> None:
 def cmd_serve(args) -> None:
     from loraforge.serve.server import ServeOptions, parse_adapters, serve
 
+    if _is_yaml(args.model):
+        raise LoraforgeError(_serve_command_for(args.model))
     options = ServeOptions(Path(args.model), parse_adapters(args.adapter), args.name or None, args.host, args.port,
                            args.api_key or None, args.parallel, args.ctx_size or None, args.threads or None,
                            chat_template=args.chat_template or None)
@@ -375,6 +423,20 @@ def cmd_serve(args) -> None:
         print(f"serving {', '.join(names)} at {url}/v1 (chat page: {url}/; Ctrl-C stops)", flush=True)
 
     serve(options, ready)
+
+
+def _serve_command_for(path: str) -> str:
+    """LLaMA-Factory's `api inference.yaml` serves base + adapter as one model; loraforge serves a model path."""
+    from loraforge.config_lf import read_lf_command
+
+    values, _ = read_lf_command(path, "chat")
+    adapters = [a for a in str(values.get("adapter") or "").split(",") if a]
+    model = adapters[0] if len(adapters) == 1 else values.get("model", "MODEL")
+    template = f" --chat-template {values['template']}" if values.get("template") else ""
+    how = (" (an adapter dir serves on its own base, read from its adapter_config.json; or merge first: "
+           "loraforge merge FILE.yaml)" if adapters else "")
+    return (f"{path} is a LLaMA-Factory inference YAML; `loraforge serve` takes the model itself: "
+            f"loraforge serve {model}{template}{how}")
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -455,7 +517,8 @@ COMMANDS: list[tuple[tuple[str, ...], Callable, str, Callable | None]] = [
     (("env",), cmd_env, "versions of torch, transformers, peft, llama-cpp-python; CUDA or not", None),
     (("data", "check"), cmd_data_check,
      "formats, counts, one rendered example with learned spans, token lengths", _config_command),
-    (("train",), cmd_train, "LoRA / full / prompt-method training (stage pt or sft)", _config_command),
+    (("train",), cmd_train, "LoRA / full / prompt-method training (a loraforge or LLaMA-Factory YAML)",
+     _config_command),
     (("vocab", "train"), cmd_vocab_train, "train a SentencePiece model with llama.cpp-safe settings",
      _vocab_train_arguments),
     (("vocab", "merge"), cmd_vocab_merge, "append a SentencePiece model's new pieces to a base tokenizer",
@@ -470,8 +533,10 @@ COMMANDS: list[tuple[tuple[str, ...], Callable, str, Callable | None]] = [
     (("export", "imatrix"), cmd_export_imatrix,
      "importance matrix from your own text (llama-imatrix's format, no llama.cpp binary)", _export_imatrix_arguments),
     (("export", "ollama"), cmd_export_ollama, "an Ollama Modelfile next to an exported GGUF", _export_ollama_arguments),
-    (("merge",), cmd_merge, "merge LoRA adapters into the base, streamed tensor by tensor", _merge_arguments),
-    (("chat",), cmd_chat, "chat with a model in the terminal, streamed (/system, /clear, /history, /exit)",
+    (("merge",), cmd_merge, "merge LoRA adapters into the base, streamed tensor by tensor (or: merge LF_MERGE.yaml)",
+     _merge_arguments),
+    (("chat",), cmd_chat, "chat with a model in the terminal, streamed (/system, /clear, /history, /exit); "
+     "MODEL may be a LLaMA-Factory inference YAML",
      _chat_arguments),
     (("generate",), cmd_generate, "batch generation over a jsonl file, with a progress bar", _generate_arguments),
     (("gguf", "inspect"), cmd_gguf_inspect, "metadata, tensor count by type, size and bits per weight of a GGUF",

@@ -1,24 +1,27 @@
 """One config: a YAML file plus `key=value` overrides, validated with pydantic.
 
-Sections mirror the pipeline (model, data, lora, train). Field names are short, and
-every LLaMA-Factory flat name with the same meaning (`learning_rate`, `lora_rank`,
-`cutoff_len`, `dataset_dir`, …) is accepted as an alias, so a LLaMA-Factory YAML
-needs few edits. Unknown keys are errors that name the closest valid key.
+Sections mirror the pipeline (model, data, lora, train). Field names are short, and a
+LLaMA-Factory YAML is read as it is: each of its flat names is mapped to our key with the
+same meaning (`learning_rate`, `lora_rank`, `cutoff_len`, …), accepted with a note when it
+means nothing here (`do_train`, `report_to: none`), or refused with the reason
+(config_lf.py holds that table). Every bad key of a run — unknown, refused, wrong type —
+is reported in one error with its file and line; unknown keys get a hint.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from loraforge import config_lf
 from loraforge.errors import LoraforgeError
-from loraforge.textfiles import read_text
 
-Stage = Literal["pt", "sft"]
+Stage = Literal["pt", "sft", "dpo", "kto", "rm"]
 Method = Literal[
     "lora", "qlora", "full", "adalora", "prompt_tuning", "prefix_tuning", "p_tuning"
 ]
@@ -53,6 +56,10 @@ class DataConfig(Section):
     skip_invalid: bool = Field(False, description="drop invalid records (and say how many) instead of stopping")
     max_samples: int | None = Field(None, gt=0, description="use at most this many records per dataset")
     cache_dir: str | None = Field(None, description="tokenized-data cache (default ~/.cache/loraforge or $LORAFORGE_CACHE)")
+    packing: bool = Field(False, description="sft: several examples per row up to cutoff_len (attention kept within each)")
+    neat_packing: bool = Field(False, description="sft: packing with no attention across examples (LLaMA-Factory's name)")
+    tool_format: str | None = Field(None, description="how tools and tool calls are written (default: the template's own)")
+    enable_thinking: bool | None = Field(True, description="reasoning templates: keep <think> segments (LLaMA-Factory's enable_thinking)")
 
     _split = field_validator("datasets", mode="before")(_comma_list)
 
@@ -69,6 +76,20 @@ class LoraConfig(Section):
     adalora_target_r: int = Field(4, gt=0, description="adalora: average rank after pruning (init rank is r)")
 
     _split = field_validator("target", "modules_to_save", mode="before")(_comma_list)
+
+
+class PrefConfig(Section):
+    """Preference stages (dpo, kto, rm), with LLaMA-Factory's meanings."""
+
+    loss: Literal["sigmoid", "ipo", "orpo", "simpo"] = Field(
+        "sigmoid", description="dpo: sigmoid (DPO), ipo, orpo (no reference model), simpo (LLaMA-Factory: pref_loss)")
+    beta: float = Field(0.1, gt=0, description="dpo/kto: strength of the preference (LLaMA-Factory: pref_beta)")
+    ftx: float = Field(0.0, ge=0, description="dpo: weight of an SFT loss on the chosen answer (LLaMA-Factory: pref_ftx)")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin")
+    kto_chosen_weight: float = Field(1.0, gt=0, description="kto: weight of desirable examples")
+    kto_rejected_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable examples")
+    score_threshold: float | None = Field(
+        None, description="kto on reward-scored data: answers scored at least this are desirable (default: the median)")
 
 
 class TrainConfig(Section):
@@ -101,55 +122,18 @@ class TrainConfig(Section):
 
 
 class Config(Section):
-    stage: Stage = Field("sft", description="pt: continued pre-training on raw text; sft: instruction tuning")
+    stage: Stage = Field("sft", description="pt: continued pre-training on raw text; sft: instruction tuning; "
+                         "dpo / kto: preference tuning; rm: a reward model")
     method: Method = Field("lora", description="lora | qlora | full | adalora | prompt_tuning | prefix_tuning | p_tuning")
     model: ModelConfig
     data: DataConfig
     lora: LoraConfig = LoraConfig()
+    pref: PrefConfig = PrefConfig()
     train: TrainConfig
 
 
-# LLaMA-Factory's flat names → our dotted keys (only where the meaning is the same).
-LLAMA_FACTORY_ALIASES = {
-    "model_name_or_path": "model.path",
-    "trust_remote_code": "model.trust_remote_code",
-    "finetuning_type": "method",
-    "template": "data.template",
-    "dataset": "data.datasets",
-    "dataset_dir": "data.dir",
-    "cutoff_len": "data.cutoff_len",
-    "train_on_prompt": "data.train_on_prompt",
-    "mask_history": "data.mask_history",
-    "val_size": "data.val_size",
-    "max_samples": "data.max_samples",
-    "lora_rank": "lora.r",
-    "lora_alpha": "lora.alpha",
-    "lora_dropout": "lora.dropout",
-    "lora_target": "lora.target",
-    "additional_target": "lora.modules_to_save",
-    "use_dora": "lora.use_dora",
-    "use_rslora": "lora.use_rslora",
-    "output_dir": "train.output_dir",
-    "num_train_epochs": "train.epochs",
-    "max_steps": "train.max_steps",
-    "per_device_train_batch_size": "train.batch_size",
-    "gradient_accumulation_steps": "train.grad_accum",
-    "learning_rate": "train.lr",
-    "lr_scheduler_type": "train.scheduler",
-    "warmup_ratio": "train.warmup_ratio",
-    "warmup_steps": "train.warmup_steps",
-    "weight_decay": "train.weight_decay",
-    "max_grad_norm": "train.max_grad_norm",
-    "logging_steps": "train.logging_steps",
-    "save_steps": "train.save_steps",
-    "save_total_limit": "train.save_total_limit",
-    "eval_steps": "train.eval_steps",
-    "seed": "train.seed",
-    "gradient_checkpointing": "train.gradient_checkpointing",
-    "resume_from_checkpoint": "train.resume_from_checkpoint",
-    "deepspeed": "train.deepspeed",
-    "overwrite_output_dir": "train.overwrite_output_dir",
-}
+# LLaMA-Factory's keys (mapped, noted, refused) live in one table: config_lf.py.
+LLAMA_FACTORY_ALIASES = config_lf.LLAMA_FACTORY_ALIASES
 
 
 def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
@@ -165,12 +149,21 @@ def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
 
 
 def _closest(key: str) -> str:
-    """' — did you mean …?' for a misspelt key: dotted keys, bare leaf names and aliases."""
-    names: dict[str, str] = {k: k for k in valid_keys()}
-    names.update(LLAMA_FACTORY_ALIASES)
-    leaves: dict[str, str] = {k.rsplit(".", 1)[-1]: k for k in valid_keys() if "." in k}
-    leaves.update(LLAMA_FACTORY_ALIASES)
+    """' — did you mean …?' for a key loraforge does not know.
+
+    First a table of names other tools use for our keys (config_lf.HINTS), then string
+    distance over our dotted keys, bare leaf names and every LLaMA-Factory name we know.
+    """
     leaf = key.rsplit(".", 1)[-1]
+    for query in (key, leaf):
+        if query in config_lf.HINTS:
+            return f" — did you mean '{config_lf.HINTS[query]}'?"
+    ours = valid_keys()
+    names: dict[str, str] = {k: k for k in ours}
+    names.update({k: k for k in config_lf.LLAMA_FACTORY_KEYS})
+    names.update(LLAMA_FACTORY_ALIASES)
+    leaves: dict[str, str] = {k.rsplit(".", 1)[-1]: k for k in ours if "." in k}
+    leaves.update(LLAMA_FACTORY_ALIASES)
     for query, table, cutoff in ((key, names, 0.75), (leaf, leaves, 0.6), (key, names, 0.5)):
         if query in table and query != key:
             return f" — did you mean '{table[query]}'?"
@@ -212,23 +205,143 @@ def _is_section(key: str) -> bool:
     return True
 
 
-def _normalise(items: list[tuple[str, Any]], origin: str) -> dict:
-    """Map aliases to dotted keys, reject unknown keys, build the nested dict."""
+_LINE = re.compile(r"\(lines? (\d+)")
+
+
+class _Reading:
+    """Keys read so far: the nested tree, and everything to tell the user about them."""
+
+    def __init__(self) -> None:
+        self.tree: dict = {}
+        self.problems: list[str] = []  # every bad key of the run, each with its file, line and fix
+        self.notes: dict[str, str] = {}  # key → its note, printed once
+        self.set_by: dict[str, tuple[str, str]] = {}  # dotted key → (key as written, origin)
+        self.where: dict[str, str] = {}  # dotted key → "origin (line N)", for validation errors
+        self.deferred: dict[str, tuple[Any, str, str]] = {}  # bf16, fp16, quantization_bit → value, origin, at
+        self.refused: dict[tuple[str, str], list[str]] = {}  # (origin, reason) → "'key: value' (line N)", …
+
+    def refuse(self, origin: str, key: str, value: Any, reason: str, at: str) -> None:
+        """Keys refused for one reason (a multimodal YAML has seven) are listed on one line."""
+        self.refused.setdefault((origin, reason), []).append(f"{config_lf.shown(key, value)}{at}")
+
+    def all_problems(self) -> list[str]:
+        grouped = [f"{origin}: {', '.join(keys)} {'is' if len(keys) == 1 else 'are'} not supported — {reason}"
+                   for (origin, reason), keys in self.refused.items()]
+        # in the file's order (the line each names); the command line's come after
+        return sorted([*grouped, *self.problems], key=lambda text: int(m[1]) if (m := _LINE.search(text)) else 1 << 30)
+
+
+def _normalise(items: list[tuple[str, Any]], origin: str, reading: _Reading | None = None,
+               lines: dict[str, int] | None = None) -> dict:
+    """Map aliases to dotted keys, judge LLaMA-Factory keys, build the nested dict.
+
+    Bad keys are collected in `reading.problems` (all of them, not only the first); with no
+    `reading`, the first one is raised.
+    """
+    own = reading is None
+    reading = reading or _Reading()
     known = set(valid_keys())
-    tree: dict = {}
     for key, value in items:
-        if key in LLAMA_FACTORY_ALIASES:
-            key = LLAMA_FACTORY_ALIASES[key]
-        if key == "bf16" or key == "fp16":
-            if value:
-                _set_dotted(tree, "train.precision", key, origin)
+        line = (lines or {}).get(key)
+        at = f" (line {line})" if line else ""
+        if key in config_lf.DEFERRED:
+            reading.deferred[key] = (value, origin, at)
             continue
-        if key == "method" and value == "freeze":
-            raise LoraforgeError(f"{origin}: finetuning_type 'freeze' is not supported; use method: lora or full")
-        if key not in known:
-            raise LoraforgeError(f"{origin}: unknown config key '{key}'{_closest(key)}")
-        _set_dotted(tree, key, value, origin)
-    return tree
+        verdict = config_lf.judge(key, value)
+        if verdict is not None:
+            kind, text = verdict
+            if kind == "note":
+                reading.notes.setdefault(key, f"{key}: {text}")
+            else:
+                reading.refuse(origin, key, value, text, at)
+            continue
+        target = LLAMA_FACTORY_ALIASES.get(key, key)
+        plain = config_lf.lf_value(value)
+        refusal = config_lf.VALUE_REFUSALS.get((target, plain)) if isinstance(plain, (str, bool, int)) else None
+        if refusal:
+            reading.refuse(origin, key, value, refusal, at)
+            continue
+        if target not in known:
+            reading.problems.append(f"{origin}: unknown config key '{key}'{_closest(key)}{at}")
+            continue
+        earlier = reading.set_by.get(target)
+        if earlier and earlier[1] == origin and earlier[0] != key:
+            reading.problems.append(f"{origin}: '{key}' and '{earlier[0]}' both set {target}{at}; keep one")
+            continue
+        try:
+            _set_dotted(reading.tree, target, value, origin)
+        except LoraforgeError as exc:
+            reading.problems.append(f"{exc}{at}")
+            continue
+        reading.set_by[target] = (key, origin)
+        reading.where[target] = f"{origin}{at}"
+    if own and reading.all_problems():
+        raise LoraforgeError(reading.all_problems()[0])
+    return reading.tree
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _resolve_deferred(reading: _Reading) -> None:
+    """LLaMA-Factory keys whose loraforge value depends on another key or on the machine."""
+    tree = reading.tree
+    flags = {k: reading.deferred[k] for k in ("bf16", "fp16") if k in reading.deferred}
+    on = [k for k, (value, _, _) in flags.items() if value]
+    if len(on) == 2:
+        _, origin, at = flags["fp16"]
+        reading.problems.append(f"{origin}: bf16 and fp16 are both true{at}; choose one")
+    elif on:
+        key = on[0]
+        _, origin, at = flags[key]
+        precision_by = reading.set_by.get("train.precision")
+        if precision_by and precision_by[1] == origin:
+            reading.problems.append(f"{origin}: '{key}' and '{precision_by[0]}' both set the precision{at}; keep one")
+        elif precision_by:
+            pass  # train.precision on the command line wins over the file's bf16/fp16
+        elif _has_cuda():
+            _set_dotted(tree, "train.precision", key, origin)
+            reading.where["train.precision"] = f"{origin}{at}"
+        else:
+            # LLaMA-Factory's YAMLs all say bf16: true, written for GPUs; on a CPU the Trainer
+            # would autocast to bf16, which loraforge does not do: fp32 trains the same model.
+            _set_dotted(tree, "train.precision", "fp32", origin)
+            reading.notes.setdefault(key, f"{key}: true needs a CUDA GPU; there is none here, so this run "
+                                          "trains in fp32")
+    else:
+        for key in flags:
+            reading.notes.setdefault(key, f"{key}: false — loraforge picks the precision (train.precision: auto "
+                                          "is bf16 or fp16 on CUDA, fp32 on CPU)")
+    if "quantization_bit" in reading.deferred:
+        bits, origin, at = reading.deferred["quantization_bit"]
+        method = tree.get("method", "lora")
+        if bits is None:
+            pass
+        elif bits != 4:
+            reading.refuse(origin, "quantization_bit", bits, "method: qlora is 4-bit NF4 only; use quantization_bit: 4, "
+                           "or leave it out for a full-precision base", at)
+        elif method not in ("lora", "qlora"):
+            reading.problems.append(f"{origin}: quantization_bit: 4 trains LoRA on a 4-bit base and cannot go with "
+                                    f"finetuning_type: {method}{at}; use finetuning_type: lora")
+        else:
+            tree["method"] = "qlora"
+            reading.where["method"] = f"{origin}{at}"
+            reading.notes.setdefault("quantization_bit", "quantization_bit: 4 → method: qlora (bitsandbytes NF4, "
+                                                         "double-quantized)")
+
+
+def _apply_llama_factory_defaults(reading: _Reading) -> None:
+    applied = []
+    for key, value in config_lf.LLAMA_FACTORY_DEFAULTS.items():
+        if key not in reading.set_by:
+            _set_dotted(reading.tree, key, value, "LLaMA-Factory's defaults")
+            applied.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    if applied:
+        reading.notes["(defaults)"] = ("a LLaMA-Factory YAML (it names model_name_or_path): LLaMA-Factory's defaults "
+                                       "apply to what it leaves out: " + ", ".join(applied))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -249,51 +362,61 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config, apply `key=value` overrides, validate."""
-    items: list[tuple[str, Any]] = []
+def read_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[Config, list[str]]:
+    """Read a YAML config, apply `key=value` overrides, validate; also the notes to show once.
+
+    LLaMA-Factory YAMLs are read as they are (config_lf.py says how each key is taken).
+    Every bad key of the file and the overrides is reported in one error.
+    """
+    reading = _Reading()
     origin = "command line"
+    lf_file = False
     if path is not None:
         path = Path(path)
         origin = str(path)
-        if not path.is_file():
-            raise LoraforgeError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(read_text(path)) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise LoraforgeError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-        if not isinstance(raw, dict):
-            raise LoraforgeError(f"{path}: expected a mapping of config keys at the top level")
-        items = _flatten(raw)
-    tree = _normalise(items, origin)
+        raw, lines, twice = config_lf.read_yaml_mapping(path)
+        reading.problems.extend(twice)
+        lf_file = "model_name_or_path" in raw
+        _normalise(_flatten(raw), origin, reading, lines)
     for text in overrides:
         key, value = parse_override(text)
-        _deep_update(tree, _normalise([(key, value)], f"override '{text}'"))
-    return validate(tree, origin)
+        _normalise([(key, value)], f"override '{text}'", reading)
+    _resolve_deferred(reading)
+    if lf_file:
+        _apply_llama_factory_defaults(reading)
+    config = validate(reading.tree, origin, reading.all_problems(), reading.where)
+    return config, list(reading.notes.values())
 
 
-def _deep_update(tree: dict, update: dict) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(tree.get(key), dict):
-            _deep_update(tree[key], value)
-        else:
-            tree[key] = value
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply `key=value` overrides, validate (notes are dropped: see read_config)."""
+    return read_config(path, overrides)[0]
 
 
-def validate(tree: dict, origin: str = "config") -> Config:
+def validate(tree: dict, origin: str = "config", problems: list[str] = (),
+             where: dict[str, str] | None = None) -> Config:
+    """The Config, or one error with the key problems found while reading and every invalid value."""
+    lines = []
     try:
-        return Config.model_validate(tree)
+        config = Config.model_validate(tree)
     except ValidationError as exc:
-        lines = []
+        config = None
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"])
             if err["type"] == "missing":
                 lines.append(f"  {key}: required but not set")
             else:
-                lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
-        raise LoraforgeError(f"{origin}: invalid config\n" + "\n".join(lines)) from None
+                set_at = (where or {}).get(key)
+                lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})"
+                             + (f" — set in {set_at}" if set_at else ""))
+    if not problems and config is not None:
+        return config
+    if not problems:
+        raise LoraforgeError(f"{origin}: invalid config\n" + "\n".join(lines))
+    if len(problems) == 1 and not lines:
+        raise LoraforgeError(problems[0])
+    raise LoraforgeError(f"{origin}: {len(problems) + len(lines)} problems in the config (all of them are "
+                         "listed; fix them together):\n" + "\n".join([*(f"  {p}" for p in problems), *lines]))
 
 
 def dump_config(config: Config) -> str:

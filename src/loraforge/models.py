@@ -42,12 +42,25 @@ class ModelRef:
         return self.base_dir
 
 
+def check_model_dir(path: str | Path, key: str) -> None:
+    """The one "no such model directory" rule: a missing local folder is named here, before
+    transformers reads it as a hub repo id ("Repo id must be in the form 'repo_name' …")."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise LoraforgeError(f"no such model directory: {path} ({key}) — pass a local folder with config.json "
+                             "and the weights (loraforge does not download models)")
+    if not folder.is_dir():
+        raise LoraforgeError(f"{key} {path} is a file, not a model directory — pass the folder that holds it")
+
+
 def resolve_model(ref: str | Path, base: str | Path | None = None) -> ModelRef:
     """Turn a model reference into a ModelRef; `base` overrides an adapter's recorded base."""
     path = Path(ref).expanduser()
     if not path.exists():
-        raise LoraforgeError(f"model not found: {ref} — pass a HF model directory, an adapter directory "
-                             "(with adapter_config.json) or a .gguf file")
+        if path.suffix.lower() == ".gguf":
+            raise LoraforgeError(f"no such GGUF file: {ref}")
+        raise LoraforgeError(f"no such model directory: {ref} — pass a HF model directory, an adapter directory "
+                             "(with adapter_config.json) or a .gguf file (loraforge does not download models)")
     path = path.resolve()
     if path.is_file():
         return _gguf(path)
@@ -81,6 +94,7 @@ def _adapter(path: Path, base: str | Path | None) -> ModelRef:
     recorded = config.get("base_model_name_or_path")
     if base is not None:
         base_dir = Path(base).expanduser()
+        check_model_dir(base, "--base")
         if not (base_dir / "config.json").exists():
             raise LoraforgeError(f"--base {base}: no config.json there — pass the HF base model directory "
                                  f"that {path.name} was trained on")

@@ -70,13 +70,14 @@ def conversation(*texts: str, system: str | None = None) -> tuple:
 
 def test_read_dataset_info_lists_the_local_datasets(data_dir):
     specs = read_dataset_info(data_dir)
-    # hub-only, multimodal and preference entries are not loadable here, as LLaMA-Factory's own file has
+    # hub-only and multimodal entries are not loadable here, as LLaMA-Factory's own file has;
+    # preference entries (kto_tag, ranking) are, for stages kto / dpo / rm
     assert list(specs) == ["alpaca_zh_demo", "glaive_like", "openai_style", "c4_demo", "parts", "wiki_demo",
-                           "glaive_toolcall_zh_demo"]
+                           "glaive_toolcall_zh_demo", "kto_en_demo", "dpo_zh_demo"]
     assert specs["alpaca_zh_demo"] == DatasetSpec("alpaca_zh_demo", data_dir / "alpaca_zh_demo.json", "alpaca")
     # LLaMA-Factory: roles an entry's "columns" leave out are absent, so c4_demo has no response
     assert specs["c4_demo"].columns == {"prompt": "text", "query": None, "response": None, "history": None,
-                                        "system": None}
+                                        "system": None, "tools": None}
 
 
 SFT_CASES = {
@@ -110,7 +111,8 @@ def test_txt_entry_reads_lines_as_text(data_dir):
 
 def test_tool_call_records_are_dropped_with_a_reason(data_dir):
     specs = resolve_datasets(data_dir, ["glaive_toolcall_zh_demo"])
-    with pytest.raises(LoraforgeError, match=r"glaive\.json:1: tool messages are not supported yet"):
+    # the first record's function_call "{}" names no function: refused with that reason, the rest kept
+    with pytest.raises(LoraforgeError, match=r"glaive\.json:1: function_call is not a JSON tool call"):
         load_datasets(specs, stage="sft", skip_invalid=False)
     [report] = load_datasets(specs, stage="sft", skip_invalid=True)
     assert [(r.turns, r.system) for r in report.records] == [conversation("你好", "您好")]
@@ -127,9 +129,7 @@ def test_several_names_give_one_report_each_in_order(data_dir):
                       r"c4_demo, parts, wiki_demo, .*, dpo_zh_demo — did you mean 'alpaca_zh_demo'\?"),
     ("alpaca_en", r"dataset 'alpaca_en' in .*dataset_info\.json has hf_hub_url 'llamafactory/alpaca_en': "
                   r"loraforge does not download datasets — download it"),
-    ("dpo_zh_demo", r"dataset 'dpo_zh_demo' .* is preference data \(ranking: true\)"),
     ("mllm_demo", r"dataset 'mllm_demo' .*: image data \(column 'images'\) is not supported yet"),
-    ("kto_en_demo", r"dataset 'kto_en_demo' .*: preference data \(column 'kto_tag'\) is not supported yet"),
 ])
 def test_names_loraforge_cannot_load_are_explained(data_dir, name, message):
     with pytest.raises(LoraforgeError, match=message):

@@ -62,7 +62,16 @@ def hf_tokenizer():
 
 
 def end_of(name: str) -> str:
-    return TEMPLATES[name].end_token or EOS
+    t = TEMPLATES[name]
+    return t.end_token if t.end_token is not None else EOS
+
+
+def learned_of(name: str, answer: str) -> str:
+    """An answer as training learns it: LLaMA-Factory's templates (`slots`) also learn the
+    lead before it and what follows the end token, and a thinking one the empty thought."""
+    t = TEMPLATES[name]
+    thought = t.thought_words[0] + t.thought_words[1] if t.thinking and t.enable_thinking else ""
+    return thought + t.answer_lead + answer + end_of(name) + t.after_end
 
 
 def without_last_answer(c: Conversation) -> Conversation:
@@ -101,12 +110,18 @@ def test_segments_learn_exactly_the_answers(name, conv_id):
     t, c = TEMPLATES[name], CONVERSATIONS[conv_id]
     segments = render_segments(t, c, EOS, bos_token=BOS)
     assert "".join(text for text, _ in segments) == render(t, c, EOS, bos_token=BOS)
-    answers = [turn.text + end_of(name) for turn in c.turns if turn.role == "assistant"]
-    assert [text for text, learned in segments if learned] == answers
+    answers = [learned_of(name, turn.text) for turn in c.turns if turn.role == "assistant"]
+    spans, previous = [], False
+    for text, learned in segments:
+        if learned:
+            spans[-1:] = [spans[-1] + text] if previous else [*spans[-1:], text]
+        previous = learned
+    assert spans == answers
     assert all(text for text, _ in segments)
-    # learned and non-learned alternate: markup after an end token opens the next segment
-    assert all(a[1] != b[1] for a, b in pairwise(segments))
-    assert segments[-1][1], "nothing may follow the last answer's end token"
+    if not t.slots:  # a slot template's segments are its slots, each encoded alone, so they need not alternate
+        # learned and non-learned alternate: markup after an end token opens the next segment
+        assert all(a[1] != b[1] for a, b in pairwise(segments))
+    assert segments[-1][1], "nothing may follow the last answer's learned text"
 
 
 @all_cases
@@ -116,16 +131,53 @@ def test_prompt_plus_answer_is_training_text(name, conv_id):
     for index in range(1, len(c.turns), 2):
         prompt = render_prompt(t, c.system, c.turns[:index], EOS, bos_token=BOS)
         so_far = Conversation(c.turns[: index + 1], c.system)
-        assert prompt + c.turns[index].text + end_of(name) == render(t, so_far, EOS, bos_token=BOS)
-    assert not render(t, c, EOS).startswith(BOS)
+        assert prompt + learned_of(name, c.turns[index].text) == render(t, so_far, EOS, bos_token=BOS)
+    # loraforge's templates leave the first BOS to the tokenizer; LLaMA-Factory's write it where it does
+    assert render(t, c, EOS).startswith(BOS) == (t.prefix + t.user).startswith("{bos}")
 
 
 GOLDEN = {
+    # LLaMA-Factory's templates, as its slots write them (src/llamafactory/data/template.py)
     ("alpaca", "single"): (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nWhat is 2+2?\n\n### Response:\n4</s>\n\n"
+    ),
+    ("alpaca", "system"): "Be brief.### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n",
+    ("default", "multi"): (
+        "System: Be brief.</s>\nHuman: Name a colour.</s>\nAssistant:Red.</s>\nHuman: Another?</s>\nAssistant:Blue.</s>"
+        "\nHuman: And one more?</s>\nAssistant:Green.</s>\n"
+    ),
+    ("empty", "system"): "Be brief.HiHello!",
+    ("llama2", "multi"): (
+        "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nName a colour. [/INST]Red.</s><s>[INST] Another? [/INST]Blue.</s>"
+        "<s>[INST] And one more? [/INST]Green.</s>"
+    ),
+    ("llama2_zh", "single"): (
+        "<s>[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\nWhat is 2+2? [/INST]4</s>"
+    ),
+    ("llama3", "system"): (
+        "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
+    ),
+    ("mistral", "multi"): (
+        "<s>[INST] Be brief.\n\nName a colour.[/INST] Red.</s>[INST] Another?[/INST] Blue.</s>"
+        "[INST] And one more?[/INST] Green.</s>"
+    ),
+    ("chatml", "single"): "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n",
+    ("qwen", "single"): (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+    ),
+    ("qwen3", "single"): (
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n4<|im_end|>\n"
+    ),
+    ("qwen3_nothink", "single"): "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n",
+    ("alpaca-joined", "single"): (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
         "\n\n### Instruction:\nWhat is 2+2?\n\n### Response:\n4</s>"
     ),
-    ("alpaca", "multi"): (
+    ("alpaca-joined", "multi"): (
         "Be brief.\n\n### Instruction:\nName a colour.\n\n### Response:\nRed.</s>"
         "\n\n### Instruction:\nAnother?\n\n### Response:\nBlue.</s>"
         "\n\n### Instruction:\nAnd one more?\n\n### Response:\nGreen.</s>"
@@ -143,32 +195,32 @@ GOLDEN = {
         "<s>[INST] Another? [/INST] Blue.</s><s>[INST] And one more? [/INST] Green.</s>"
     ),
     ("llama2-zh", "empty-system"): "[INST] Hi [/INST] Hello!</s>",
-    ("llama3", "single"): (
+    ("llama3-joined", "single"): (
         "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n4<|eot_id|>"
     ),
-    ("llama3", "system"): (
+    ("llama3-joined", "system"): (
         "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
     ),
-    ("chatml", "single"): (
+    ("chatml-joined", "single"): (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>"
     ),
-    ("chatml", "multi-default-system"): (
+    ("chatml-joined", "multi-default-system"): (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\n一<|im_end|>\n<|im_start|>assistant\n二<|im_end|>\n"
         "<|im_start|>user\n三<|im_end|>\n<|im_start|>assistant\n四<|im_end|>"
     ),
-    ("default", "single"): "Human: What is 2+2?\nAssistant: 4</s>",
-    ("default", "multi"): (
+    ("default-joined", "single"): "Human: What is 2+2?\nAssistant: 4</s>",
+    ("default-joined", "multi"): (
         "Be brief.\nHuman: Name a colour.\nAssistant: Red.</s>\nHuman: Another?\nAssistant: Blue.</s>"
         "\nHuman: And one more?\nAssistant: Green.</s>"
     ),
-    ("empty", "system"): "Be brief.HiHello!</s>",
+    ("empty-joined", "system"): "Be brief.HiHello!</s>",
     (
-        "empty",
+        "empty-joined",
         "jinja-ish",
     ): "{{ eos_token }} %} {{Print {{ x }} and {% if %} and %}{# #} {user}{system}{bos} \\n '\" \n</s>",
 }
@@ -186,16 +238,26 @@ def test_every_template_has_a_golden_string():
 
 
 GOLDEN_PROMPTS = {
-    "alpaca": "Be brief.\n\n### Instruction:\nHi\n\n### Response:\n",
+    "alpaca": "Be brief.### Instruction:\nHi\n\n### Response:\n",
+    "alpaca-joined": "Be brief.\n\n### Instruction:\nHi\n\n### Response:\n",
     "chinese-alpaca": "Be brief.\n\n### Instruction:\nHi\n\n### Response: ",
     "llama2-zh": "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] ",
+    "llama2": "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]",
+    "mistral": "<s>[INST] Be brief.\n\nHi[/INST]",
     "llama3": (
+        "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+    "llama3-joined": (
         "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
     "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
-    "default": "Be brief.\nHuman: Hi\nAssistant: ",
+    "chatml-joined": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "default": "System: Be brief.</s>\nHuman: Hi</s>\nAssistant:",
+    "default-joined": "Be brief.\nHuman: Hi\nAssistant: ",
     "empty": "Be brief.Hi",
+    "empty-joined": "Be brief.Hi",
 }
 
 
@@ -208,7 +270,7 @@ def test_golden_generation_prompts(name):
 
 
 def test_chatml_segments_put_the_newline_after_im_end_in_the_next_prompt():
-    segments = render_segments(get_template("chatml"), CONVERSATIONS["multi-default-system"], EOS)
+    segments = render_segments(get_template("chatml-joined"), CONVERSATIONS["multi-default-system"], EOS)
     assert segments == [
         (
             "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n一<|im_end|>\n"
@@ -218,6 +280,22 @@ def test_chatml_segments_put_the_newline_after_im_end_in_the_next_prompt():
         ("二<|im_end|>", True),
         ("\n<|im_start|>user\n三<|im_end|>\n<|im_start|>assistant\n", False),
         ("四<|im_end|>", True),
+    ]
+
+
+def test_llama_factory_templates_cut_segments_at_its_slots():
+    """qwen: the system slot, each user slot with the assistant prefix, each answer's slot
+    with its "\n" (learned: LLaMA-Factory's assistant slot holds it); alpaca: EOS its own piece."""
+    assert render_segments(get_template("qwen"), CONVERSATIONS["multi-default-system"], EOS) == [
+        ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n", False),
+        ("<|im_start|>user\n一<|im_end|>\n<|im_start|>assistant\n", False),
+        ("二<|im_end|>\n", True),
+        ("<|im_start|>user\n三<|im_end|>\n<|im_start|>assistant\n", False),
+        ("四<|im_end|>\n", True),
+    ]
+    assert render_segments(get_template("alpaca"), CONVERSATIONS["system"], EOS) == [
+        ("Be brief.", False), ("### Instruction:\nHi\n\n### Response:\n", False),
+        ("Hello!", True), (EOS, True), ("\n\n", True),
     ]
 
 

@@ -18,10 +18,12 @@ MULTI = Conversation(
     system="你是一个乐于助人的助手。",
 )
 
-# (tokenizer kind, template): every template on a SentencePiece vocabulary, and the
-# byte-level ones on the vocabulary family they were made for
-CASES = [("spm", name) for name in ("alpaca", "chinese-alpaca", "llama2-zh", "default", "empty", "chatml")]
-CASES += [("llama3", "llama3"), ("qwen2", "chatml")]
+# (tokenizer kind, template): every loraforge (one-text) template on a SentencePiece
+# vocabulary, and the byte-level ones on the vocabulary family they were made for.
+# LLaMA-Factory's templates (slot by slot, its ids) are tested in test_lf_templates.py.
+CASES = [("spm", name) for name in ("alpaca-joined", "chinese-alpaca", "llama2-zh", "default-joined",
+                                    "empty-joined", "chatml-joined")]
+CASES += [("llama3", "llama3-joined"), ("qwen2", "chatml-joined")]
 
 
 @pytest.fixture
@@ -81,7 +83,7 @@ def test_train_on_prompt_and_mask_history(tokenizer_for):
 
 
 def test_truncation_keeps_the_start_and_drops_examples_with_nothing_to_learn(tokenizer_for):
-    tokenizer, template = tokenizer_for("spm"), get_template("alpaca")
+    tokenizer, template = tokenizer_for("spm"), get_template("alpaca-joined")
     full = encode_conversation(tokenizer, template, MULTI, cutoff_len=4096)
     cut = encode_conversation(tokenizer, template, MULTI, cutoff_len=len(full.input_ids) - 3)
     assert is_truncated(cut) and cut.full_length == len(full.input_ids) and cut.input_ids == full.input_ids[:-3]

@@ -186,7 +186,7 @@ def test_cli_errors_exit_2_and_write_nothing(tiny_llama, ceval, tmp_path, capsys
     data, _ = _bad(tmp_path, ["id", "question", "A", "B", "C", "answer"], [[0, "q", "a", "b", "c", "A"]])
     out = tmp_path / "out"
     cases = [([str(tiny_llama), "--data", str(data)], "no column 'D'"),
-             ([str(tmp_path / "nope"), "--data", str(ceval)], "model not found"),
+             ([str(tmp_path / "nope"), "--data", str(ceval)], "no such model directory"),
              ([str(tiny_llama), "--data", str(tmp_path / "none")], "no such folder"),
              ([str(tiny_llama), "--data", str(ceval), "--subjects", "physics"], "no val file for physics"),
              ([str(tiny_llama), "--data", str(ceval), "--split", "test"], "no test CSV files")]

@@ -157,7 +157,7 @@ def test_no_such_model(tiny_llama, questions, tmp_path, capsys):
     out = tmp_path / "eval"
     code, err = run_cli(["eval", "generate", str(tiny_llama), "--compare", str(tmp_path / "nope"),
                          "--data", str(questions), "-o", str(out)], capsys)
-    assert code == 2 and "model not found" in err and str(tmp_path / "nope") in err
+    assert code == 2 and "no such model directory" in err and str(tmp_path / "nope") in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["questions.jsonl"]
 
 

@@ -59,8 +59,9 @@ def test_f32_export_agrees_everywhere(pretrained_llama, adapters, tmp_path):
     tokens = report["tokenization"]
     assert all(t["match"] for t in tokens) and [t["text"] for t in tokens[:len(PROBES)]] == PROBES
     assert [t["text"] for t in tokens[len(PROBES):-3]] == TOKENIZER_PROBES  # code, tables, after </s>
-    # the base's chat template ('default', from its pre-training run) renders every chat prompt, compared too
-    assert tokens[-3]["text"] == "Human: 请用一句话介绍一下长城。\nAssistant: "
+    # the base's chat template (LLaMA-Factory's 'default', from its pre-training run) renders every chat
+    # prompt, compared too
+    assert tokens[-3]["text"] == "Human: 请用一句话介绍一下长城。</s>\nAssistant:"
     assert [r["label"] for r in report["logits"]][-1] == "[chat] 把这句话翻译成英文：今天天气很好。"
     assert report["overall"]["top1"] == 1.0 and report["overall"]["kl_mean"] < 1e-6
     assert report["overall"]["max_abs_diff"] < 0.02

@@ -155,7 +155,7 @@ def test_bad_input_exits_2_and_writes_nothing(case, tiny_llama, tmp_path, capsys
         args += ["--window", "4096"]
     assert main(args) == 2
     err = capsys.readouterr().err
-    expected = {"empty": "is empty", "whitespace": "is empty", "missing": "no such file", "no-model": "model not found",
+    expected = {"empty": "is empty", "whitespace": "is empty", "missing": "no such file", "no-model": "no such model directory",
                 "window": "longer than the 1024 tokens"}[case]
     assert expected in err
     assert not (tmp_path / "out").exists()

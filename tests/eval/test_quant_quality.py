@@ -107,7 +107,7 @@ def test_eval_quant_measures_each_type_by_llama_perplexitys_rule(pretrained_llam
 
 
 @pytest.mark.parametrize("case, args, message", [
-    ("no model", ["MISSING"], "model not found"),
+    ("no model", ["MISSING"], "no such model directory"),
     ("unknown type", ["--quants", "q4_k_m,q9_z"], "q9_z: not a llama.cpp quantization loraforge writes; choose from "
                                                   "f32, f16"),
     ("empty text", ["--text", "EMPTY"], "is empty"),

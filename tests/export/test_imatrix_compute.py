@@ -146,6 +146,6 @@ def test_bad_input_exits_2_and_writes_nothing(case, tiny_llama, tmp_path, capsys
     out = tmp_path / "out" / "im.gguf"
     assert main(["export", "imatrix", str(model), "--text", str(text), "--ctx", "64", "-o", str(out)]) == 2
     message = capsys.readouterr().err
-    assert {"no model": "model not found", "empty text": "is empty", "short text": "shorter than one chunk",
+    assert {"no model": "no such model directory", "empty text": "is empty", "short text": "shorter than one chunk",
             "gguf model": "not a .gguf"}[case] in message
     assert not out.parent.exists() or not any(out.parent.iterdir())

@@ -178,9 +178,18 @@ def gguf_paths(tiny_llama, tmp_path_factory):
             "llama2-zh": export_gguf(chat, [], folder / "chat" / "model.gguf", "f16")}
 
 
+# a thinking template (qwen3) is refused: the Go template cannot add its empty <think> block
+MODELFILE_TEMPLATES = [name for name, t in TEMPLATES.items() if not t.thinking]
+
+
+def test_a_thinking_template_is_refused_with_the_way_out(gguf_paths, tmp_path):
+    with pytest.raises(LoraforgeError, match="qwen3_nothink"):
+        write_modelfile(gguf_paths["plain"], tmp_path / "Modelfile", template="qwen3")
+
+
 @pytest.mark.parametrize("system_id", SYSTEMS)
 @pytest.mark.parametrize("conv_id", CONVERSATIONS)
-@pytest.mark.parametrize("name", TEMPLATES)
+@pytest.mark.parametrize("name", MODELFILE_TEMPLATES)
 def test_template_renders_like_render_prompt(gguf_paths, tmp_path, name, conv_id, system_id):
     modelfile = write_modelfile(gguf_paths["plain"], tmp_path / "Modelfile", template=name).read_text()
     system, history = SYSTEMS[system_id], CONVERSATIONS[conv_id]
@@ -188,7 +197,7 @@ def test_template_renders_like_render_prompt(gguf_paths, tmp_path, name, conv_id
     assert ollama_prompt(modelfile, system, history) == expected
 
 
-@pytest.mark.parametrize("name", TEMPLATES)
+@pytest.mark.parametrize("name", MODELFILE_TEMPLATES)
 def test_system_option_replaces_the_default(gguf_paths, tmp_path, name):
     modelfile = write_modelfile(gguf_paths["plain"], tmp_path / "Modelfile", system="只用中文回答。",
                                 template=name).read_text()
@@ -197,7 +206,7 @@ def test_system_option_replaces_the_default(gguf_paths, tmp_path, name):
     assert ollama_prompt(modelfile, None, history) == render_prompt(TEMPLATES[name], "只用中文回答。", history, EOS)
 
 
-@pytest.mark.parametrize("name", TEMPLATES)
+@pytest.mark.parametrize("name", MODELFILE_TEMPLATES)
 def test_stop_strings_and_default_system(gguf_paths, tmp_path, name):
     t = TEMPLATES[name]
     commands = parse_modelfile(write_modelfile(gguf_paths["plain"], tmp_path / "Modelfile", template=name).read_text())

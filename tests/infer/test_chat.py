@@ -119,4 +119,4 @@ def test_piped_stdin_reads_plain_lines(request, model, one_line):
 def test_missing_model_is_an_error_not_a_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "loraforge", "chat", str(tmp_path / "nope.gguf")],
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "error: model not found" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "error: no such GGUF file" in done.stderr and "Traceback" not in done.stderr

@@ -132,7 +132,7 @@ def test_template_override_and_engine_mismatch(learned_run_dir, learned_gguf_f16
         open_engine(learned_gguf_f16, engine="hf")
     with pytest.raises(LoraforgeError, match="unknown chat template 'chatm'"):
         open_engine(learned_gguf_f16, template="chatm")
-    engine = open_engine(learned_gguf_f16, template="chatml", n_ctx=256)
+    engine = open_engine(learned_gguf_f16, template="chatml-joined", n_ctx=256)
     try:
         assert engine.render(ask("你好")).startswith("<|im_start|>system\n")
         assert engine.n_ctx == 256

@@ -59,7 +59,7 @@ def test_adapter_whose_base_is_missing_says_to_pass_base(tmp_path):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: p / "nope", r"model not found: .*nope — pass a HF model directory"),
+    (lambda p: p / "nope", r"no such model directory: .*nope — pass a HF model directory"),
     (lambda p: (p / "x.gguf").write_bytes(b"PK\x03\x04zip") and p / "x.gguf", r"is not a GGUF file \(it starts with b'PK"),
     (lambda p: (p / "empty").mkdir() or p / "empty", r"not a model directory — no config.json .* or adapter_config.json"),
     (lambda p: (p / "g").mkdir() or (p / "g" / "m.gguf").write_bytes(b"GGUF") and p / "g", r"It holds m.gguf: pass that file"),

@@ -86,7 +86,8 @@ def test_foreign_template_renders_with_sandboxed_jinja_and_stops_at_its_end_mark
 
 @pytest.mark.parametrize("messages, message", [
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "system message may only be the first"),
-    ([{"role": "tool", "content": "a"}], "role must be system, user or assistant"),
+    ([{"role": "tool", "content": "a"}], "tool result .* follows no tool call"),
+    ([{"role": "robot", "content": "a"}], "role must be"),
     ([{"role": "user", "content": [{"type": "image_url"}]}], "content must be text"),
 ])
 def test_bad_messages(messages, message):

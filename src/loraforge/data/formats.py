@@ -8,12 +8,23 @@ stops on them or, with `skip_invalid`, drops them and reports what was dropped.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Literal
 
-from loraforge.data.records import Conversation, LoadReport, Problem, Record, Text, Turn
+from loraforge.data import tools as tool_text
+from loraforge.data.records import (
+    MODEL_SIDE,
+    USER_SIDE,
+    Conversation,
+    LoadReport,
+    Problem,
+    Record,
+    Text,
+    Turn,
+)
 from loraforge.data.rows import SUPPORTED_SUFFIXES, BadRow, read_rows  # noqa: F401 (re-exported)
 from loraforge.errors import LoraforgeError
 
@@ -22,9 +33,9 @@ FORMATTINGS = ("auto", "alpaca", "sharegpt", "openai", "text")
 # role → field name; `columns` given to load_records override these, and None turns a role off
 COLUMN_DEFAULTS = {
     "alpaca": {"prompt": "instruction", "query": "input", "response": "output",
-               "history": "history", "system": "system"},
-    "sharegpt": {"messages": "conversations", "system": "system"},
-    "openai": {"messages": "messages", "system": "system"},
+               "history": "history", "system": "system", "tools": "tools"},
+    "sharegpt": {"messages": "conversations", "system": "system", "tools": "tools"},
+    "openai": {"messages": "messages", "system": "system", "tools": "tools"},
     "text": {"prompt": "text", "query": None},
 }
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
@@ -32,6 +43,10 @@ SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human"
 OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
                "system_tag": "system", "observation_tag": "tool", "function_tag": "function"}
 SHOWN_PROBLEMS = 5
+# a thought given beside the answer (distilled reasoning data) is written in front of it,
+# between LLaMA-Factory's default thought words, so every template trains on it as text
+REASONING_FIELDS = ("reasoning", "chain_of_thought", "reasoning_content")
+THOUGHT_OPEN, THOUGHT_CLOSE = "<think>\n", "\n</think>\n\n"
 UNDETECTED = "cannot tell the format (no instruction, conversations, messages or text field)"
 SKIP_HINT = "fix these records, or set data.skip_invalid=true to drop them"
 
@@ -109,8 +124,36 @@ def _alpaca_conversation(columns: dict, row: dict, source: str) -> Conversation:
     if not response.strip():
         raise _Invalid("empty response")
     system = _string(row, columns["system"], required=False)
-    turns += [Turn("user", user), Turn("assistant", response)]
-    return Conversation(tuple(turns), system=system or None, source=source)
+    turns += [Turn("user", user), Turn("assistant", _with_reasoning(row, response))]
+    return Conversation(tuple(turns), system=system or None, source=source, tools=_tools(row, columns))
+
+
+def _with_reasoning(holder: dict, answer: str) -> str:
+    for key in REASONING_FIELDS:
+        thought = holder.get(key)
+        if isinstance(thought, str) and thought.strip():
+            if THOUGHT_OPEN.strip() in answer:
+                raise _Invalid(f"the answer has a <think> segment and a '{key}' field: keep one")
+            return THOUGHT_OPEN + thought.strip("\n") + THOUGHT_CLOSE + answer
+        if thought is not None and not isinstance(thought, str):
+            raise _Invalid(f"field '{key}' must be a string, got {_kind(thought)}")
+    return answer
+
+
+def _tools(row: dict, columns: dict) -> str | None:
+    """The tool definitions as JSON text (glaive writes a JSON string, others a list)."""
+    column = columns.get("tools")
+    value = row.get(column) if column else None
+    if value is None or value == "" or value == []:
+        return None
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if not isinstance(value, str | list):
+        raise _Invalid(f"field '{column}' must be a JSON list of tools (or its text), got {_kind(value)}")
+    try:
+        tools = tool_text.parse_tools(text, f"field '{column}'")
+    except LoraforgeError as exc:
+        raise _Invalid("invalid tool definitions", str(exc)) from None
+    return text if tools else None
 
 
 def _chat_turns(columns: dict, tags: dict, row: dict) -> tuple[str | None, list[Turn]]:
@@ -127,34 +170,82 @@ def _chat_turns(columns: dict, tags: dict, row: dict) -> tuple[str | None, list[
         numbered = numbered[1:]
     if not numbered:
         raise _Invalid("empty conversation")
-    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant"}
+    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant",
+             tags["observation_tag"]: "observation", tags["function_tag"]: "function_call"}
     turns: list[Turn] = []
+    for number, message, role in _merged_tool_results(tags, numbered):
+        if role in roles.values():  # already a canonical role (merged tool results, openai tool_calls)
+            turn_role = role
+        else:
+            if not isinstance(role, str | None):
+                role = repr(role)
+            if role not in roles and role != tags["system_tag"]:
+                if role is None:
+                    raise _Invalid(f"message has no '{tags['role_tag']}'",
+                                   f"message {number} has {', '.join(map(str, message)) or 'no fields'}")
+                raise _Invalid(f"unknown role '{role}' (expected {tags['user_tag']}, {tags['assistant_tag']}, "
+                               f"{tags['function_tag']}, {tags['observation_tag']} or {tags['system_tag']})")
+            turn_role = roles.get(role, "system")
+        # LLaMA-Factory's rule: user side at even positions, model side at odd ones
+        side, expected = (USER_SIDE, "user") if len(turns) % 2 == 0 else (MODEL_SIDE, "assistant")
+        if turn_role not in side:
+            shown = tags[{"user": "user_tag", "assistant": "assistant_tag", "observation": "observation_tag",
+                          "function_call": "function_tag"}.get(turn_role, "system_tag")]
+            other = tags["observation_tag" if expected == "user" else "function_tag"]
+            raise _Invalid(f"roles out of order: message {number} should be from "
+                           f"'{tags[expected + '_tag']}'" + (f" or '{other}'" if turns else "") + f", got '{shown}'")
+        text = message if isinstance(message, str) else _message_text(tags, number, message)
+        if turn_role == "observation" and turns[-1].role != "function_call":
+            raise _Invalid("tool result (observation) with no tool call (function_call) before it",
+                           f"message {number}")
+        if turn_role == "function_call":
+            try:
+                tool_text.parse_call_json(text)
+            except ValueError as exc:
+                raise _Invalid("function_call is not a JSON tool call", f"message {number}: {exc}") from None
+        elif turn_role == "assistant" and isinstance(message, dict):
+            text = _with_reasoning(message, text)
+        if not text.strip():
+            raise _Invalid("empty response" if expected == "assistant" else "empty user message",
+                           f"message {number}")
+        turns.append(Turn(turn_role, text))
+    if turns[-1].role in USER_SIDE:
+        raise _Invalid("conversation ends with a user message" if turns[-1].role == "user"
+                       else "conversation ends with a tool result (no answer after it)")
+    return system or None, turns
+
+
+def _merged_tool_results(tags: dict, numbered: list) -> list[tuple[int, object, object]]:
+    """(number, message or text, role) per turn. OpenAI-style data: an assistant message with
+    `tool_calls` is a function_call turn, and consecutive `tool` messages are one observation
+    turn (joined as LLaMA-Factory's openai converter joins them)."""
+    out: list[tuple[int, object, object]] = []
+    results: list[str] = []
+    role_of = lambda m: m.get(tags["role_tag"]) if isinstance(m, dict) else None  # noqa: E731
     for position, (number, message) in enumerate(numbered):
         if not isinstance(message, dict):
             raise _Invalid("message is not an object", f"message {number} is a {_kind(message)}")
         role = message.get(tags["role_tag"])
-        if not isinstance(role, str | None):
-            role = repr(role)
-        if role in (tags["observation_tag"], tags["function_tag"]):
-            raise _Invalid("tool messages are not supported yet", f"message {number} is from '{role}'")
-        if role not in roles and role != tags["system_tag"]:
-            if role is None:
-                raise _Invalid(f"message has no '{tags['role_tag']}'",
-                               f"message {number} has {', '.join(map(str, message)) or 'no fields'}")
-            raise _Invalid(f"unknown role '{role}' (expected {tags['user_tag']}, "
-                           f"{tags['assistant_tag']} or {tags['system_tag']})")
-        expected = "user" if position % 2 == 0 else "assistant"
-        if roles.get(role) != expected:
-            raise _Invalid(f"roles out of order: message {number} should be from "
-                           f"'{tags[expected + '_tag']}', got '{role}'")
-        text = _message_text(tags, number, message)
-        if not text.strip():
-            raise _Invalid("empty response" if expected == "assistant" else "empty user message",
-                           f"message {number}")
-        turns.append(Turn(expected, text))
-    if turns[-1].role == "user":
-        raise _Invalid("conversation ends with a user message")
-    return system or None, turns
+        if tags["observation_tag"] == "tool" and role == "tool":
+            results.append(_message_text(tags, number, message))
+            if position + 1 == len(numbered) or role_of(numbered[position + 1][1]) != "tool":
+                out.append((number, tool_text.TOOL_RESULT_JOINER.join(results), "observation"))
+                results = []
+            continue
+        calls = message.get("tool_calls")
+        if calls and role in (tags["assistant_tag"], tags["function_tag"]):
+            if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                      for c in calls):
+                raise _Invalid("tool_calls must be a list of {\"function\": {\"name\": …, \"arguments\": …}}",
+                               f"message {number}")
+            text = json.dumps([c["function"] for c in calls], ensure_ascii=False)
+            content = message.get(tags["content_tag"])
+            if isinstance(content, str) and THOUGHT_OPEN.strip() in content:
+                text = content + text  # a thought before the call is kept, as the templates write it
+            out.append((number, text, "function_call"))
+            continue
+        out.append((number, message, role))
+    return out
 
 
 def _message_text(tags: dict, number: int, message: dict) -> str:
@@ -171,7 +262,7 @@ def _chat_record(as_text: bool, columns: dict, tags: dict, row: dict, source: st
     system, turns = _chat_turns(columns, tags, row)
     if as_text:
         return Text("\n".join(([system] if system else []) + [turn.text for turn in turns]), source=source)
-    return Conversation(tuple(turns), system=system, source=source)
+    return Conversation(tuple(turns), system=system, source=source, tools=_tools(row, columns))
 
 
 # ---------------------------------------------------------------- a whole dataset

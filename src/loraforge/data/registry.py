@@ -2,32 +2,48 @@
 
 A LLaMA-Factory data folder works unchanged: each entry names a `file_name` in the
 folder (a file, or a folder of files), its `formatting` (alpaca unless said otherwise),
-and optional `columns` and `tags`. A dataset may also be given as a plain file path, in
-which case its format is detected from its first record.
+and optional `columns` and `tags`; `ranking: true` and the `chosen`/`rejected`/`kto_tag`
+columns make it preference data (data/preference.py). A dataset may also be given as a
+plain file path, in which case its format — and whether it is preference data — is
+detected from its first record, as if an entry had said so.
+
+`num_samples`, `split` and `subset` keep LLaMA-Factory's meaning: `num_samples` draws
+that many records at random (all of them once, then repeats, when it is larger than the
+dataset; seeded by train.seed); `split` is `train` — the one split datasets gives a local
+file — optionally sliced (`train[:100]`, `train[10%:50%]`); `subset` picks the sub-folder
+or file of that name in a folder dataset (on the hub it names a configuration).
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from loraforge.data.formats import COLUMN_DEFAULTS, FORMATTINGS, SUPPORTED_SUFFIXES, load_records
+from loraforge.data.preference import check_stage, detect_kind, load_preference_records
 from loraforge.data.records import LoadReport
+from loraforge.data.rows import BadRow, read_rows
 from loraforge.errors import LoraforgeError
 from loraforge.textfiles import read_text
 
 DATASET_INFO = "dataset_info.json"
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url")
 SHOWN_NAMES = 20
-# LLaMA-Factory column roles for data loraforge cannot train on yet: refusing is kinder
-# than training on the text alone and silently dropping the images or preferences.
-UNSUPPORTED_COLUMNS = {"images": "image", "videos": "video", "audios": "audio",
-                       "chosen": "preference", "rejected": "preference", "kto_tag": "preference"}
+# LLaMA-Factory column roles for data loraforge cannot train on: refusing is kinder than
+# training on the text alone, with its literal <image> tags, and silently dropping the media.
+UNSUPPORTED_COLUMNS = {"images": "image", "videos": "video", "audios": "audio"}
+MULTIMODAL_WHY = ("loraforge trains text-only LLaMA-family models: the media would be dropped and their "
+                  "<image>/<video>/<audio> tags trained as literal text — remove the column and the tags to "
+                  "train on the text, or use LLaMA-Factory for a vision/audio model")
 # "tools" is read past: a record that calls a tool is rejected on its own
-KNOWN_COLUMNS = ("prompt", "query", "response", "history", "messages", "system", "tools")
+PREFERENCE_COLUMNS = ("chosen", "rejected", "kto_tag", "score")  # "score" is ours: reward-scored answers
+KNOWN_COLUMNS = ("prompt", "query", "response", "history", "messages", "system", "tools", *PREFERENCE_COLUMNS)
+_SPLIT = re.compile(r"train(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?")
 
 
 @dataclass(frozen=True)
@@ -39,6 +55,10 @@ class DatasetSpec:
     formatting: str = "auto"  # alpaca, sharegpt, openai, text, or auto (from the first record)
     columns: dict | None = None  # LLaMA-Factory "columns": role → field name
     tags: dict | None = None  # LLaMA-Factory "tags": message keys and role names
+    kind: str = "plain"  # plain, or preference data: ranking (chosen/rejected), kto (kto_tag), scored
+    num_samples: int | None = None  # LLaMA-Factory: draw this many records at random
+    split: str | None = None  # LLaMA-Factory: "train", optionally sliced ("train[:100]")
+    subset: str | None = None  # LLaMA-Factory: a part of a folder dataset
 
 
 def _read_entries(data_dir: Path) -> dict[str, dict]:
@@ -86,9 +106,6 @@ def _spec_from_entry(data_dir: Path, name: str, entry: dict) -> DatasetSpec:
     if not isinstance(file_name, str) or not file_name.strip():
         raise LoraforgeError(f"{where}: file_name must be a file or folder name as a string, got "
                              f"{file_name!r:.40} — write it as \"file_name\": \"data.json\"")
-    if entry.get("ranking"):
-        raise LoraforgeError(f"{where} is preference data (ranking: true): loraforge trains stage pt "
-                             "and sft only — pick an instruction or text dataset")
     formatting = entry.get("formatting", "alpaca")  # LLaMA-Factory's default
     if formatting not in FORMATTINGS[1:]:
         raise LoraforgeError(f"{where}: unknown formatting '{formatting}' — "
@@ -97,8 +114,43 @@ def _spec_from_entry(data_dir: Path, name: str, entry: dict) -> DatasetSpec:
         if entry.get(key) is not None and not isinstance(entry[key], dict):
             raise LoraforgeError(f"{where}: {key} must be an object, got {entry[key]!r:.40}")
     columns = _entry_columns(where, formatting, entry.get("columns"))
+    kind = _entry_kind(where, entry, columns or {})
+    num_samples, split, subset = _sampling(where, entry)
     return DatasetSpec(name=name, path=Path(data_dir) / file_name, formatting=formatting,
-                       columns=columns, tags=entry.get("tags"))
+                       columns=columns, tags=entry.get("tags"), kind=kind,
+                       num_samples=num_samples, split=split, subset=subset)
+
+
+def _entry_kind(where: str, entry: dict, columns: dict) -> str:
+    """LLaMA-Factory's rule: `ranking: true` is pairwise data; a kto_tag column makes KTO data."""
+    if entry.get("ranking"):
+        if columns.get("kto_tag"):
+            raise LoraforgeError(f"{where} has ranking: true and a kto_tag column — a dataset is either pairs "
+                                 "(ranking, chosen/rejected) or KTO feedback (kto_tag): drop one")
+        return "ranking"
+    if columns.get("kto_tag"):
+        return "kto"
+    if columns.get("score"):
+        return "scored"
+    if columns.get("chosen") or columns.get("rejected"):
+        raise LoraforgeError(f"{where} names chosen/rejected columns (preference data) but not \"ranking\": true — add it to the "
+                             "entry, as LLaMA-Factory needs too")
+    return "plain"
+
+
+def _sampling(where: str, entry: dict) -> tuple[int | None, str | None, str | None]:
+    num_samples, split, subset = entry.get("num_samples"), entry.get("split"), entry.get("subset")
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                    or num_samples < 1):
+        raise LoraforgeError(f"{where}: num_samples must be a whole number ≥ 1, got {num_samples!r:.40}")
+    if split is not None and (not isinstance(split, str) or not _SPLIT.fullmatch(split.strip())):
+        raise LoraforgeError(
+            f"{where}: split {split!r:.40} — a local file has one split, 'train' (datasets names a local "
+            "file's rows so, and LLaMA-Factory loads it with datasets): use \"train\", or a slice of it such "
+            "as \"train[:1000]\" or \"train[90%:]\"; put other splits in their own file and entry")
+    if subset is not None and (not isinstance(subset, str) or not subset.strip()):
+        raise LoraforgeError(f"{where}: subset must be a name as a string, got {subset!r:.40}")
+    return num_samples, split.strip() if split else None, subset
 
 
 def _entry_columns(where: str, formatting: str, columns: dict | None) -> dict | None:
@@ -107,8 +159,8 @@ def _entry_columns(where: str, formatting: str, columns: dict | None) -> dict | 
         return None
     for role in columns:
         if role in UNSUPPORTED_COLUMNS:
-            raise LoraforgeError(f"{where}: {UNSUPPORTED_COLUMNS[role]} data (column '{role}') is not "
-                                 "supported yet — loraforge trains on text (stage pt or sft)")
+            raise LoraforgeError(f"{where}: {UNSUPPORTED_COLUMNS[role]} data (column '{role}') is not supported "
+                                 "yet: it is multimodal — " + MULTIMODAL_WHY)
         if role not in KNOWN_COLUMNS:
             raise LoraforgeError(f"{where}: unknown column role '{role}' — known roles are "
                                  f"{', '.join(KNOWN_COLUMNS)}")
@@ -118,6 +170,7 @@ def _entry_columns(where: str, formatting: str, columns: dict | None) -> dict | 
     resolved = {role: columns.get(role) for role in defaults}
     main = "messages" if "messages" in defaults else "prompt"
     resolved[main] = resolved[main] or defaults[main]
+    resolved.update({role: columns[role] for role in PREFERENCE_COLUMNS if columns.get(role)})
     return resolved
 
 
@@ -135,7 +188,7 @@ def dataset_files(path: Path) -> list[Path]:
 def read_dataset_info(data_dir: Path) -> dict[str, DatasetSpec]:
     """The datasets in `data_dir/dataset_info.json` that loraforge can load.
 
-    Entries that name no local file (hub datasets) or hold preference data are left out
+    Entries that name no local file (hub datasets) or hold multimodal data are left out
     here; `resolve_datasets` explains them when one is asked for.
     """
     specs = {}
@@ -145,6 +198,31 @@ def read_dataset_info(data_dir: Path) -> dict[str, DatasetSpec]:
         except LoraforgeError:
             continue
     return specs
+
+
+def _first_row(path: Path) -> tuple[str, dict] | None:
+    for file in dataset_files(path):
+        if file.suffix.lower() == ".txt":
+            return None
+        for source, row in read_rows(file):
+            if isinstance(row, dict) and not isinstance(row, BadRow):
+                return source, row
+    return None
+
+
+def _detect_by_path(name: str, path: Path) -> DatasetSpec:
+    """A dataset named by its path is read as if a dataset_info.json entry described it: its first record's
+    chosen/rejected, kto_tag/label or reward_score fields make it preference data; media fields are refused."""
+    first = _first_row(path) if path.exists() else None
+    if first is None:
+        return DatasetSpec(name=name, path=path)
+    source, row = first
+    media = [key for key in UNSUPPORTED_COLUMNS if key in row]
+    if media:
+        raise LoraforgeError(f"dataset {name}: {source} has '{media[0]}': {UNSUPPORTED_COLUMNS[media[0]]} data is "
+                             "not supported yet: it is multimodal — " + MULTIMODAL_WHY)
+    kind, columns = detect_kind(row)
+    return DatasetSpec(name=name, path=path, kind=kind, columns=columns or None)
 
 
 def _as_file(data_dir: Path | None, name: str) -> Path | None:
@@ -175,7 +253,7 @@ def resolve_datasets(data_dir: Path | None, names: list[str]) -> list[DatasetSpe
         if name in entries:
             spec = _spec_from_entry(data_dir, name, entries[name])
         elif (path := _as_file(data_dir, name)) is not None:
-            spec = DatasetSpec(name=name, path=path)
+            spec = _detect_by_path(name, path)
         elif has_info:
             raise _unknown_name(data_dir, name, list(entries))
         elif data_dir is not None:
@@ -192,16 +270,80 @@ def resolve_datasets(data_dir: Path | None, names: list[str]) -> list[DatasetSpe
     return specs
 
 
-def load_datasets(specs: list[DatasetSpec], *, stage: Literal["pt", "sft"],
-                  skip_invalid: bool) -> list[LoadReport]:
-    """Load every dataset; one report per spec, in order (a folder's files merged into one)."""
+def _load_file(spec: DatasetSpec, file: Path, stage: str, skip_invalid: bool,
+               score_threshold: float | None) -> LoadReport:
+    if spec.kind == "plain":
+        check_stage("plain", stage, spec.name)
+        return load_records(file, formatting=spec.formatting, columns=spec.columns, tags=spec.tags,
+                            stage=stage, skip_invalid=skip_invalid, name=spec.name)
+    return load_preference_records(file, kind=spec.kind, formatting=spec.formatting, columns=spec.columns,
+                                   tags=spec.tags, stage=stage, skip_invalid=skip_invalid, name=spec.name,
+                                   score_threshold=score_threshold)
+
+
+def _subset_files(spec: DatasetSpec) -> list[Path]:
+    files = dataset_files(spec.path)
+    if spec.subset is None:
+        return files
+    where = f"dataset '{spec.name}': subset '{spec.subset}'"
+    if not spec.path.is_dir():
+        raise LoraforgeError(f"{where} names a part of a dataset, but file_name is the single file {spec.path} — "
+                             "drop subset, or point file_name at the folder that holds the parts")
+    if (spec.path / spec.subset).is_dir():
+        return dataset_files(spec.path / spec.subset)
+    stem = re.compile(rf"(.*[_\-.])?{re.escape(spec.subset)}")
+    picked = [file for file in files if stem.fullmatch(file.stem)]
+    if not picked:
+        raise LoraforgeError(f"{where}: {spec.path} has no sub-folder '{spec.subset}' and no file named "
+                             f"'{spec.subset}' or '…_{spec.subset}' among {', '.join(f.name for f in files)}")
+    return picked
+
+
+def _apply_split(spec: DatasetSpec, report: LoadReport) -> None:
+    if not spec.split or spec.split == "train":
+        return
+    start, stop = _SPLIT.fullmatch(spec.split).groups()
+    count = len(report.records)
+
+    def index(bound: str | None, default: int) -> int:
+        if bound is None:
+            return default
+        if bound.endswith("%"):  # datasets rounds percent bounds to the closest row
+            return round(count * int(bound[:-1]) / 100)
+        return int(bound)
+
+    kept = report.records[index(start, 0):index(stop, count)]
+    report.notes.append(f"split {spec.split}: {len(kept)} of {count} records")
+    report.records = kept
+
+
+def _apply_num_samples(spec: DatasetSpec, report: LoadReport, seed: int) -> None:
+    """LLaMA-Factory's rule: a random permutation cut to num_samples, topped up by random repeats when the
+    dataset is smaller — every record is used at least once."""
+    if spec.num_samples is None or not report.records:
+        return
+    rng = random.Random(seed)
+    count = len(report.records)
+    order = rng.sample(range(count), count)[: spec.num_samples]
+    order += [rng.randrange(count) for _ in range(spec.num_samples - len(order))]
+    report.notes.append(f"num_samples {spec.num_samples}: drew {spec.num_samples} of {count} records"
+                        + (" (some twice)" if spec.num_samples > count else ""))
+    report.records = [report.records[i] for i in order]
+
+
+def load_datasets(specs: list[DatasetSpec], *, stage: Literal["pt", "sft", "dpo", "kto", "rm"],
+                  skip_invalid: bool, seed: int = 0, score_threshold: float | None = None) -> list[LoadReport]:
+    """Load every dataset; one report per spec, in order (a folder's files merged into one), with the
+    entry's subset, split and num_samples applied in that order (max_samples comes after, as in LLaMA-Factory)."""
     reports = []
     for spec in specs:
-        parts = [load_records(file, formatting=spec.formatting, columns=spec.columns, tags=spec.tags,
-                              stage=stage, skip_invalid=skip_invalid, name=spec.name)
-                 for file in dataset_files(spec.path)]
+        parts = [_load_file(spec, file, stage, skip_invalid, score_threshold) for file in _subset_files(spec)]
         formats = list(dict.fromkeys(part.format for part in parts))
-        reports.append(LoadReport(name=spec.name, format="+".join(formats),
-                                  records=[record for part in parts for record in part.records],
-                                  problems=[problem for part in parts for problem in part.problems]))
+        report = LoadReport(name=spec.name, format="+".join(formats),
+                            records=[record for part in parts for record in part.records],
+                            problems=[problem for part in parts for problem in part.problems],
+                            notes=[note for part in parts for note in part.notes])
+        _apply_split(spec, report)
+        _apply_num_samples(spec, report, seed)
+        reports.append(report)
     return reports

@@ -50,17 +50,22 @@ def write_modelfile(gguf_path: Path, out_path: Path | None = None, system: str |
         raise LoraforgeError(f"{gguf_path} is a LoRA adapter, not a model: a Modelfile's FROM needs the model — "
                              "export base + adapters into one GGUF with `loraforge export gguf` and pass that")
     t = get_template(_template_name(gguf_path, gguf_value(reader, "tokenizer.chat_template"), template))
+    if t.thinking:
+        raise LoraforgeError(f"template '{t.name}' writes an empty <think> block into answers that have none; "
+                             "this Modelfile writer cannot express that yet — run the GGUF with `loraforge serve`, "
+                             "or train with the template's no-thinking variant (e.g. qwen3_nothink)")
     bos = _special_token(reader, gguf_path, "bos")
     eos = _special_token(reader, gguf_path, "eos")
     end = t.end_token if t.end_token is not None else eos
     if end is None:
         raise LoraforgeError(f"{gguf_path} has no tokenizer.ggml.eos_token_id, and template '{t.name}' ends each "
                              "answer with the EOS token — re-export the GGUF from a tokenizer that names its eos_token")
-    if bos is None and "{bos}" in t.separator + t.user + t.system:
+    if bos is None and "{bos}" in t.prefix + t.separator + t.user + t.system:
         raise LoraforgeError(f"{gguf_path} has no tokenizer.ggml.bos_token_id, and template '{t.name}' writes BOS "
                              "between rounds — re-export the GGUF from a tokenizer that names its bos_token")
     system = t.default_system if system is None else system
-    stops = list(dict.fromkeys([end, *t.stop_strings]))
+    # LLaMA-Factory's `empty` learns no end token: EOS still ends an answer
+    stops = list(dict.fromkeys(s for s in [end or eos, *t.stop_strings] if s))
 
     lines = [
         f"# Ollama Modelfile for {gguf_path.name}, written by loraforge.",
@@ -68,7 +73,7 @@ def write_modelfile(gguf_path: Path, out_path: Path | None = None, system: str |
         f"# Create the model with: ollama create NAME -f {out_path.name}",
         f"FROM {_from_path(gguf_path, out_path)}",
         "",
-        f"TEMPLATE {_triple_quoted(go_template(t, bos or '', end), 'TEMPLATE')}",
+        f"TEMPLATE {_triple_quoted(go_template(t, bos or '', end, eos or ''), 'TEMPLATE')}",
         "",
     ]
     if system:
@@ -79,7 +84,7 @@ def write_modelfile(gguf_path: Path, out_path: Path | None = None, system: str |
     return out_path
 
 
-def go_template(t: Template, bos: str, end: str) -> str:
+def go_template(t: Template, bos: str, end: str, eos: str = "") -> str:
     """`t` as an Ollama TEMPLATE (Go text/template over .System and .Messages) that renders
     what `render_prompt` does: every user turn is followed by the assistant prefix, so the
     text ends with the generation prompt; an assistant turn is its answer and `end`.
@@ -92,29 +97,32 @@ def go_template(t: Template, bos: str, end: str) -> str:
     pieces: list[Piece] = []
     if needs_first:
         pieces.append((True, "$first := true"))
+    pieces += _pieces(t.prefix, bos, eos=eos)
     if not system_inside_user:
-        pieces += [(True, "if .System"), *_pieces(t.system, bos, system=".System"), (True, "end")]
+        pieces += [(True, "if .System"), *_pieces(t.system, bos, eos=eos, system=".System"), (True, "end")]
     pieces += [(True, "range .Messages"), (True, 'if eq .Role "user"')]
     if t.separator:
         pieces += [(True, "if not $first"), *_pieces(t.separator, bos), (True, "end")]
-    system_block = [(True, "if and $first $.System"), *_pieces(t.system, bos, system="$.System"), (True, "end")]
-    pieces += _pieces(t.user, bos, user=".Content", system_block=system_block)
+    system_block = [(True, "if and $first $.System"), *_pieces(t.system, bos, eos=eos, system="$.System"),
+                    (True, "end")]
+    pieces += _pieces(t.user, bos, eos=eos, user=".Content", system_block=system_block)
     pieces += _pieces(t.assistant, bos)
     if needs_first:
         pieces.append((True, "$first = false"))
-    pieces += [(True, 'else if eq .Role "assistant"'), (True, ".Content"), (False, end), (True, "end"), (True, "end")]
+    pieces += [(True, 'else if eq .Role "assistant"'), *_pieces(t.answer_lead, bos, eos=eos), (True, ".Content"),
+               (False, end), *_pieces(t.after_end, bos, eos=eos), (True, "end"), (True, "end")]
     return _layout(pieces)
 
 
-def _pieces(fmt: str, bos: str, *, user: str = "", system: str = "", system_block: list[Piece] | None = None
-            ) -> list[Piece]:
+def _pieces(fmt: str, bos: str, *, eos: str = "", user: str = "", system: str = "",
+            system_block: list[Piece] | None = None) -> list[Piece]:
     """Go-template pieces that output `fmt`: markup as text, placeholders as actions."""
     pieces: list[Piece] = []
     for kind, part in format_parts(fmt):
         if kind == "text":
             pieces.append((False, part))
-        elif part == "bos":
-            pieces.append((False, bos))
+        elif part in ("bos", "eos"):
+            pieces.append((False, bos if part == "bos" else eos))
         elif part == "user":
             pieces.append((True, user))
         elif system_block is not None:

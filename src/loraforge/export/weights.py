@@ -34,6 +34,7 @@ import torch
 from loraforge.errors import LoraforgeError
 from loraforge.export.meta_pth import MetaCheckpoint, is_meta_dir
 from loraforge.export.shards import PickleShard, Shard, open_shard
+from loraforge.models import check_model_dir
 
 _PEFT_PREFIX = "base_model.model."
 # X.lora_A[.adapter].weight (LoRA/DoRA), X.lora_A[.adapter] (AdaLoRA keeps bare parameters) — not lora_B.bias
@@ -102,6 +103,8 @@ def read_adapter(path: Path) -> Adapter:
     path = Path(path)
     config_file = path / "adapter_config.json"
     if not config_file.exists():
+        if not path.exists():
+            raise LoraforgeError(f"no such adapter directory: {path} — pass a training run or peft adapter folder")
         raise LoraforgeError(f"{path}: no adapter_config.json — not a peft adapter directory")
     config = json.loads(config_file.read_text())
     check_adapter_config(config_file, config)
@@ -179,6 +182,7 @@ def base_readers(base_dir: Path) -> dict[str, tuple[Path, object]]:
     """Tensor name → (the file that holds it, a reader with `shape/dtype_name/read`), whichever of the
     three layouts the base is in: HF safetensors, HF pytorch_model*.bin, Meta consolidated.*.pth."""
     base_dir = Path(base_dir)
+    check_model_dir(base_dir, "--base")
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = base_dir / index_name

@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 from loraforge.data.records import Turn
-from loraforge.data.templates import get_template, render_prompt, template_name_in
+from loraforge.data.templates import (
+    conversation_from_messages,
+    get_template,
+    render_prompt,
+    template_in,
+)
 from loraforge.errors import LoraforgeError
 from loraforge.tokenizer import encode_prompt
 
@@ -136,26 +141,34 @@ def _turns(messages: Messages) -> tuple[str | None, list[Turn]]:
     return system, turns
 
 
-def render_chat(chat_template: str | None, messages: Messages, bos: str, eos: str) -> str:
-    """The generation prompt for `messages`, through the model's own chat template.
+def render_chat(chat_template: str | None, messages: Messages, bos: str, eos: str,
+                tools: list | None = None) -> str:
+    """The generation prompt for `messages` (and the tool definitions offered, OpenAI's
+    `tools`), through the model's own chat template.
 
     A template loraforge wrote (named in its first line) is rendered by the Python
-    renderer training used — byte for byte the training prompt. Any other template is
-    rendered as transformers does, with Jinja in a sandbox. The text starts with BOS only
-    if the template writes it (foreign ones may); `Engine.tokenize` never adds a second.
+    renderer training used — byte for byte the training prompt, tool calls and tool
+    results included. Any other template is rendered as transformers does, with Jinja in
+    a sandbox (`tools` passed as apply_chat_template passes it). The text starts with BOS
+    only if the template writes it (foreign ones may); `Engine.tokenize` never adds a second.
     """
-    name = template_name_in(chat_template)
-    if name is not None:
-        system, turns = _turns(messages)
-        return render_prompt(get_template(name), system, turns, eos, bos_token=bos)
+    template = template_in(chat_template)
+    if template is not None:
+        if not tools and all(m.get("role") in ("system", "user", "assistant") and not m.get("tool_calls")
+                             for m in messages if isinstance(m, dict)):
+            system, turns = _turns(messages)
+            return render_prompt(template, system, turns, eos, bos_token=bos)
+        conv = conversation_from_messages(messages, tools)
+        return render_prompt(template, conv.system, conv.turns, eos, bos_token=bos, tools=conv.tools)
     if not chat_template:
         raise LoraforgeError("the model has no chat template (tokenizer_config.json chat_template / GGUF "
                              "tokenizer.chat_template): pass --template NAME with the template it was trained with")
-    _turns(messages)  # the same checks for every template
-    return _render_jinja(chat_template, messages, bos, eos)
+    if not tools and not any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages):
+        _turns(messages)  # the same checks for every template
+    return _render_jinja(chat_template, messages, bos, eos, tools)
 
 
-def _render_jinja(chat_template: str, messages: Messages, bos: str, eos: str) -> str:
+def _render_jinja(chat_template: str, messages: Messages, bos: str, eos: str, tools: list | None = None) -> str:
     from datetime import datetime
 
     import jinja2
@@ -168,10 +181,11 @@ def _render_jinja(chat_template: str, messages: Messages, bos: str, eos: str) ->
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    plain = [{"role": m["role"], "content": message_text(m.get("content", ""))} for m in messages]
+    plain = [{**m, "content": message_text(m.get("content") or "")} for m in messages]
+    extra = {"tools": tools} if tools else {}
     try:
         return env.from_string(chat_template).render(messages=plain, add_generation_prompt=True,
-                                                     bos_token=bos, eos_token=eos)
+                                                     bos_token=bos, eos_token=eos, **extra)
     except jinja2.TemplateError as exc:
         raise LoraforgeError(f"the model's chat template failed on these messages: {exc}") from None
 
@@ -179,9 +193,9 @@ def _render_jinja(chat_template: str, messages: Messages, bos: str, eos: str) ->
 def template_stop_strings(chat_template: str | None, override: str | None = None) -> tuple[str, ...]:
     """Strings that end an answer besides EOS: the loraforge template's own stop strings
     (its end token and the next turn's marker), else the end markers a foreign template writes."""
-    name = override or template_name_in(chat_template)
-    if name is not None:
-        return get_template(name).stop_strings
+    template = get_template(override) if override else template_in(chat_template)
+    if template is not None:
+        return template.stop_strings
     return tuple(m for m in _KNOWN_END_MARKERS if m in (chat_template or ""))
 
 

@@ -29,7 +29,8 @@ def template_of(run_dir: Path) -> Template:
     saved = Path(run_dir) / "loraforge.yaml"
     if not saved.exists():
         raise LoraforgeError(f"{run_dir} has no loraforge.yaml: not a loraforge run directory")
-    return get_template(yaml.safe_load(saved.read_text(encoding="utf-8"))["data"]["template"])
+    data = yaml.safe_load(saved.read_text(encoding="utf-8"))["data"]
+    return get_template(data["template"], tool_format=data.get("tool_format"), enable_thinking=data.get("enable_thinking"))
 
 
 def load_model(path: Path):

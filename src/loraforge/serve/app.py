@@ -30,6 +30,7 @@ from fastapi.responses import (
 from loraforge.errors import LoraforgeError
 from loraforge.serve.batching import Delta, Failed, Finished, Job, Scheduler
 from loraforge.serve.prompts import ChatRenderer, prompt_ids
+from loraforge.serve.reply_split import ReplyPlan, ReplyStream, split_reply
 from loraforge.serve.schema import ChatCompletionRequest, CompletionRequest, parse_body
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
@@ -139,10 +140,11 @@ def build_app(scheduler: Scheduler, renderer: ChatRenderer | dict[str, ChatRende
         authorize(request)
         body = parse_body(ChatCompletionRequest, await request.body())
         lane = lane_of(body.model)
-        prompt = renderers[lane].render(body.message_dicts())
+        choice = body.tool_choice if isinstance(body.tool_choice, str) else None
+        prompt = renderers[lane].render(body.message_dicts(), body.tool_dicts(), choice, body.forced_function())
         params = body.sampling(body.max_completion_tokens or body.max_tokens, prompt.stop, prompt.stop_tokens)
         return await answer(request, "/v1/chat/completions", lane, prompt.ids, params, body, chat=True,
-                            original=body.message_dicts())
+                            original=body.message_dicts(), plan=prompt.plan)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -154,7 +156,7 @@ def build_app(scheduler: Scheduler, renderer: ChatRenderer | dict[str, ChatRende
                             original=body.prompt_text())
 
     async def answer(request: Request, endpoint: str, lane: str, ids: list[int], params, body, *, chat: bool,
-                     original):
+                     original, plan: ReplyPlan | None = None):
         if not ids:
             raise LoraforgeError("the prompt is empty: send some text to continue")
         scheduler.check_prompt(ids)
@@ -163,7 +165,7 @@ def build_app(scheduler: Scheduler, renderer: ChatRenderer | dict[str, ChatRende
         job = Job(lane, ids, params, lambda event: post.put(events, event), request=original)
         scheduler.submit(job)
         scheduler.metrics.request(endpoint, 200)
-        reply = Reply(chat, lane)
+        reply = Reply(chat, lane, plan)
         if body.stream:
             return StreamingResponse(stream(job, events, reply, body.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -203,17 +205,29 @@ def build_app(scheduler: Scheduler, renderer: ChatRenderer | dict[str, ChatRende
         try:
             if reply.chat:
                 yield sse(reply.chunk({"role": "assistant", "content": ""}))
+            parts = ReplyStream(reply.plan) if reply.plan else None  # reasoning / tool calls to read
             while True:
                 event = await events.get()
                 if isinstance(event, Delta):
-                    yield sse(reply.chunk(event.text))
+                    if parts is None:
+                        yield sse(reply.chunk(event.text))
+                    for delta in parts.push(event.text) if parts else ():
+                        yield sse(reply.chunk(delta))
                     continue
                 if isinstance(event, Failed):
                     yield sse(error_body(event.message, "server_error"))
                     break
-                if event.text:
+                finish = event.finish_reason
+                if parts is None and event.text:
                     yield sse(reply.chunk(event.text))
-                yield sse(reply.chunk(None, event.finish_reason))
+                elif parts is not None:
+                    for delta in parts.push(event.text):
+                        yield sse(reply.chunk(delta))
+                    deltas, called = parts.finish()
+                    for delta in deltas:
+                        yield sse(reply.chunk(delta))
+                    finish = called or finish
+                yield sse(reply.chunk(None, finish))
                 if include_usage:
                     yield sse(reply.usage_chunk(event))
                 break
@@ -236,8 +250,10 @@ def usage(event: Finished) -> dict:
 class Reply:
     """OpenAI's response shapes for one request (chat or text completion)."""
 
-    def __init__(self, chat: bool, model: str):
+    def __init__(self, chat: bool, model: str, plan: ReplyPlan | None = None):
         self.chat, self.model = chat, model
+        # None: the reply is plain text (no thought to split, no tools offered)
+        self.plan = plan if plan and (plan.tool_format or plan.thought_words) else None
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
 
@@ -246,8 +262,9 @@ class Reply:
 
     def whole(self, text: str, event: Finished) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": event.finish_reason, "logprobs": None}
+            parts = split_reply(self.plan, text) if self.plan else None
+            choice = {"index": 0, "message": parts.message() if parts else {"role": "assistant", "content": text},
+                      "finish_reason": (parts and parts.finish_reason) or event.finish_reason, "logprobs": None}
             body = self._envelope("chat.completion", [choice])
         else:
             choice = {"index": 0, "text": text, "finish_reason": event.finish_reason, "logprobs": None}

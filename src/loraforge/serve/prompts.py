@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loraforge.data import tools as tool_text
+from loraforge.data.templates import template_in
 from loraforge.errors import LoraforgeError
 from loraforge.infer.engine import render_chat, template_stop_strings
+from loraforge.serve.reply_split import ReplyPlan
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,7 @@ class ChatPrompt:
     ids: list[int]
     stop: tuple[str, ...]  # the template's stop strings
     stop_tokens: frozenset[int]  # end markers that are one control token (never seen as text)
+    plan: ReplyPlan = ReplyPlan()  # what the reply may hold: reasoning, tool calls
 
 
 class ChatRenderer:
@@ -38,14 +42,38 @@ class ChatRenderer:
         else:  # the HF engine stops at its own end ids
             self.stop_tokens = frozenset()
 
-    def render(self, messages: list[dict]) -> ChatPrompt:
+    def render(self, messages: list[dict], tools: list[dict] | None = None, tool_choice=None,
+               forced: str | None = None) -> ChatPrompt:
+        """Prompt ids for `messages`. With `tools`: the definitions go into the prompt as
+        the template writes them, and the reply is read back as calls in its tool format.
+        tool_choice "none" renders no tools and never reads a call; "required" or a named
+        function (`forced`) ends the prompt with the opening of a call (data/tools.py
+        `call_opening`), so the reply is a call by construction."""
         if not self.chat_template:
             raise LoraforgeError(f"{self.model.path.name} has no chat template (tokenizer.chat_template): restart "
                                  "the server with --chat-template NAME|FILE (the template it was trained with), "
                                  "export the model with loraforge (export gguf --template NAME), or use "
                                  "/v1/completions with your own prompt")
-        text = render_chat(self.chat_template, messages, self.model.bos_text, self.model.eos_text)
-        return ChatPrompt(prompt_ids(self.model, text), self.stop, self.stop_tokens)
+        template = template_in(self.chat_template)
+        offered = tools if tools and tool_choice != "none" else None
+        text = render_chat(self.chat_template, messages, self.model.bos_text, self.model.eos_text, offered)
+        thought = template.thought_words if template is not None and template.thinking else None
+        fmt = None
+        if offered:
+            # a foreign template: Hermes-style <tool_call> tags are the common reading (Qwen2.5, Qwen3, Hermes)
+            fmt = template.tool_format if template is not None else (
+                "qwen" if "<tool_call>" in self.chat_template else None)
+        opening = skipped_thought = ""
+        if fmt and (forced or tool_choice == "required"):
+            names = [tool["function"]["name"] for tool in offered]
+            opening = tool_text.call_opening(fmt, forced or (names[0] if len(names) == 1 else None))
+            opening = (template.tool_call_prefix if template is not None else "") + opening
+            empty = thought[0] + thought[1] if thought else ""
+            if empty and not text.endswith(empty):  # a forced call skips the thought, as enable_thinking=false
+                skipped_thought = empty
+        plan = ReplyPlan(fmt, opening, thought, template.tool_call_prefix if template is not None else "")
+        ids = prompt_ids(self.model, text + skipped_thought + opening)
+        return ChatPrompt(ids, self.stop, self.stop_tokens, plan)
 
 
 def prompt_ids(model, text: str) -> list[int]:

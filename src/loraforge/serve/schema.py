@@ -4,9 +4,13 @@ Unknown keys are accepted and ignored: OpenAI clients send fields this server ha
 for (`user`, `logit_bias`, `parallel_tool_calls`, …), and refusing them would break those
 clients. Known keys are checked strictly — `"max_tokens": "16"` or `"temperature": "hot"`
 is a 400 naming the field, never a silent coercion. Known features this server does not
-implement (`n` > 1, `logprobs`, `tools`, `best_of`, `echo`, `suffix`) are refused with a
+implement (`n` > 1, `logprobs`, `best_of`, `echo`, `suffix`) are refused with a
 400 rather than quietly answered differently than asked; `response_format` is held by a
 grammar (llama.cpp engine) or refused (the HF engine), never ignored.
+
+Tools: `tools` (functions), `tool_choice` ("auto", "none", "required" or a named
+function) and the messages of a tool conversation (assistant `tool_calls`, role `tool`).
+What each tool_choice holds is in serve/app.py (`ToolPlan`).
 """
 
 from __future__ import annotations
@@ -39,9 +43,37 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends JSON text; a mapping is taken too
+
+
+class ToolCallPart(_Body):
+    type: Literal["function"] = "function"
+    id: str | None = None
+    function: FunctionCall
+
+
 class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallPart] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this is the result of
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only assistant messages carry tool calls")
+        return self
+
+    def as_dict(self) -> dict:
+        # "developer" is OpenAI's newer name for the system role (o1 and later); chat
+        # templates know only "system"
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [{"type": "function", "id": c.id, "function": c.function.model_dump()}
+                                 for c in self.tool_calls]
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -82,6 +114,27 @@ class ResponseFormat(_Body):
 
     def grammar(self) -> str | None:
         return self._grammar
+
+
+class FunctionDef(_Body):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class _Generation(_Body):
@@ -137,18 +190,30 @@ class _Generation(_Body):
 class ChatCompletionRequest(_Generation):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(gt=0)] | None = None  # the newer name of max_tokens
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
 
     @model_validator(mode="after")
-    def _no_tools(self):
-        if self.tools:
-            raise ValueError("tools: tool calling is not supported by this server")
+    def _tool_choice(self):
+        if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
+            if not self.tools:
+                raise ValueError("tool_choice: a function is asked for but no tools are given")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [tool.function.name for tool in self.tools]
+            if self.tool_choice.function.name not in names:
+                raise ValueError(f"tool_choice: function '{self.tool_choice.function.name}' is not among the "
+                                 f"tools ({', '.join(names)})")
         return self
 
     def message_dicts(self) -> list[dict]:
-        # "developer" is OpenAI's newer name for the system role (o1 and later); chat
-        # templates know only "system"
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return [m.as_dict() for m in self.messages]
+
+    def tool_dicts(self) -> list[dict] | None:
+        """The tools as the chat template gets them (OpenAI's {"type": "function", "function": …})."""
+        return [tool.model_dump(exclude_none=True, by_alias=True) for tool in self.tools] if self.tools else None
+
+    def forced_function(self) -> str | None:
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
 
 
 class CompletionRequest(_Generation):

@@ -1,7 +1,10 @@
 """What a run writes while it trains: trainer_log.jsonl and loss.png.
 
 One JSON line per logging step (step, loss, eval_loss, lr, epoch, tokens/s, elapsed,
-remaining) so a run can be followed with `tail -f` and plotted afterwards.
+remaining) so a run can be followed with `tail -f` and plotted afterwards. Preference
+stages add TRL's own metrics under TRL's names (dpo/kto: rewards/margins,
+rewards/accuracies, rewards/chosen, rewards/rejected, kl; rm: accuracy, margin), and
+loss.png draws the margins and accuracies in a second panel.
 """
 
 from __future__ import annotations
@@ -11,6 +14,12 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+# TRL's metric names worth keeping per step (and their eval_ twins)
+PREFERENCE_METRICS = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
+                      "logps/chosen", "logps/rejected", "kl", "accuracy", "margin", "nll_loss")
+MARGIN_KEYS = ("rewards/margins", "margin")
+ACCURACY_KEYS = ("rewards/accuracies", "accuracy")
 
 
 class JsonlLogger(TrainerCallback):
@@ -29,6 +38,8 @@ class JsonlLogger(TrainerCallback):
         # after a resume global_step starts at the checkpoint's step but the clock starts at 0:
         # the rate is measured over the steps this process ran
         self.start_step = state.global_step
+        if state.global_step and state.is_world_process_zero:
+            drop_rows_after(self.path, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -41,6 +52,10 @@ class JsonlLogger(TrainerCallback):
         for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "train_loss"):
             if key in logs:
                 record["lr" if key == "learning_rate" else key] = float(logs[key])
+        for key in PREFERENCE_METRICS:
+            for name in (key, f"eval_{key}"):
+                if name in logs:
+                    record[name] = round(float(logs[name]), 6)
         if "loss" in logs and window > 0:
             record["tokens_per_s"] = round((tokens - self.last_tokens) / window, 1)
             self.last_time, self.last_tokens = now, tokens
@@ -57,6 +72,17 @@ def remaining_seconds(elapsed: float, start_step: int, step: int, max_steps: int
     if not max_steps or ran <= 0:
         return None
     return round(elapsed / ran * max(max_steps - step, 0), 2)
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """A run killed after its last checkpoint logged steps the resumed run trains again: keep the
+    log up to the checkpoint, so each step appears once and the curve reads as one run."""
+    rows = read_log(path)
+    kept = [row for row in rows if row.get("step", 0) <= step]
+    if len(kept) != len(rows):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+        tmp.replace(path)
 
 
 def read_log(path: Path) -> list[dict]:
@@ -87,7 +113,13 @@ def plot_loss(log_path: Path, out_png: Path, title: str = "") -> Path | None:
     import matplotlib.pyplot as plt
 
     steps, losses = zip(*train)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    margins = _series(rows, MARGIN_KEYS)
+    accuracies = _series(rows, ACCURACY_KEYS)
+    if margins or accuracies:
+        fig, (ax, pref_ax) = plt.subplots(2, 1, figsize=(7, 7), dpi=110, sharex=True)
+        _plot_preference(pref_ax, margins, accuracies)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(steps, losses, color="#9ab", linewidth=1, label="train loss")
     ax.plot(steps, smooth(list(losses)), color="#15c", linewidth=2, label="train loss (smoothed)")
     if evals:
@@ -102,3 +134,32 @@ def plot_loss(log_path: Path, out_png: Path, title: str = "") -> Path | None:
     fig.savefig(out_png)
     plt.close(fig)
     return out_png
+
+
+def _series(rows: list[dict], keys: tuple[str, ...]) -> list[tuple[int, float]]:
+    """(step, value) of the first of `keys` the log has (dpo/kto and rm name the same thing differently)."""
+    for key in keys:
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            return points
+    return []
+
+
+def _plot_preference(ax, margins: list[tuple[int, float]], accuracies: list[tuple[int, float]]) -> None:
+    """Reward margin (chosen − rejected) and preference accuracy per logging step: the curves that say a
+    preference run learns, where the loss alone does not."""
+    if margins:
+        steps, values = zip(*margins)
+        ax.plot(steps, smooth(list(values)), color="#15c", linewidth=2, label="reward margin (smoothed)")
+        ax.set_ylabel("reward margin")
+    if accuracies:
+        right = ax.twinx()
+        steps, values = zip(*accuracies)
+        right.plot(steps, smooth(list(values)), color="#d52", linewidth=2, label="accuracy (smoothed)")
+        right.set_ylim(-0.05, 1.05)
+        right.set_ylabel("preference accuracy")
+        right.legend(loc="lower right")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if margins:
+        ax.legend(loc="upper left")

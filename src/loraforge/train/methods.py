@@ -7,8 +7,6 @@ lm_head) is trained in full next to any adapter — how an extended vocabulary l
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -36,14 +34,9 @@ def compute_dtype(config: Config) -> torch.dtype:
 
 
 def check_model_dir(path: str, key: str = "model.path") -> None:
-    """Refuse a missing folder here: transformers would read it as a hub repo id and answer
-    "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
-    folder = Path(path).expanduser()
-    if not folder.exists():
-        raise LoraforgeError(f"no such model directory: {path} ({key}) — set {key} to a local folder "
-                             "with config.json and the weights (loraforge does not download models)")
-    if not folder.is_dir():
-        raise LoraforgeError(f"{key}={path} is a file, not a model directory — pass the folder that holds it")
+    from loraforge.models import check_model_dir as check
+
+    check(path, key)
 
 
 def load_base_model(config: Config):

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import Trainer
 
 from loraforge.config import Config, dump_config
 from loraforge.data.dataset import build_examples, split_eval
-from loraforge.data.templates import get_template, jinja_template
+from loraforge.data.packing import pack_examples, packing_enabled
+from loraforge.data.templates import get_template, jinja_template, template_of  # noqa: F401
 from loraforge.data.tokenize import IGNORE
 from loraforge.errors import LoraforgeError
 from loraforge.tokenizer import has_tokenizer, save_tokenizer
@@ -44,6 +46,7 @@ class RunResult:
     last_loss: float | None
     train_examples: int
     eval_loss: float | None = None
+    train_rows: int | None = None  # rows the Trainer saw: train_examples, or fewer with data.packing
 
 
 def load_tokenizer(config: Config):
@@ -55,7 +58,7 @@ def load_tokenizer(config: Config):
     source = config.model.tokenizer or config.model.path
     tokenizer = load_folder_tokenizer(Path(source), fallbacks=[Path(config.model.path)],
                                       trust_remote_code=config.model.trust_remote_code)
-    tokenizer.chat_template = jinja_template(get_template(config.data.template))
+    tokenizer.chat_template = jinja_template(template_of(config.data))  # tool_format, enable_thinking too
     return tokenizer
 
 
@@ -67,7 +70,10 @@ def pad_id(tokenizer) -> int:
 
 
 class PadCollator:
-    """Pads a batch to its longest example (right side); labels padded with -100."""
+    """Pads a batch to its longest example (right side); labels padded with -100.
+
+    Packed rows (data/packing.py) also carry `position_ids`, restarting at every example; they are
+    padded with 0, so each pad token is a sequence of its own that no real token attends to."""
 
     def __init__(self, pad: int):
         self.pad = pad
@@ -77,12 +83,36 @@ class PadCollator:
         ids = torch.full((len(features), width), self.pad, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(features), width), dtype=torch.long)
+        packed = "position_ids" in features[0]
+        positions = torch.zeros((len(features), width), dtype=torch.long) if packed else None
         for row, f in enumerate(features):
             n = len(f["input_ids"])
             ids[row, :n] = torch.tensor(f["input_ids"])
             labels[row, :n] = torch.tensor(f["labels"])
             mask[row, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+            if packed:
+                positions[row, :n] = torch.tensor(f["position_ids"])
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if packed:
+            batch["position_ids"] = positions
+        return batch
+
+
+def packed_forward_inputs(inputs: dict) -> dict:
+    """What the model gets for a packed batch: the 2-D mask (which only marks padding, and stays in the
+    Trainer's batch so include_num_input_tokens_seen="non_padding" counts real tokens) is dropped, and
+    with it the KV cache: transformers builds its block-diagonal mask from position_ids only when it has
+    neither (masking_utils._preprocess_mask_arguments), and with either one lets examples see each other."""
+    if "position_ids" not in inputs:
+        return inputs
+    return {**{k: v for k, v in inputs.items() if k != "attention_mask"}, "use_cache": False}
+
+
+class PackedTrainer(Trainer):
+    """The Trainer for packed rows: the model sees `packed_forward_inputs`, the Trainer's own books the whole batch."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        return super().compute_loss(model, packed_forward_inputs(inputs), *args, **kwargs)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -237,6 +267,10 @@ def training_arguments(config: Config, output_dir: Path, has_eval: bool):
 
 def train(config: Config) -> RunResult:
     """Fine-tune `model.path` on the config's data; returns where the run was written."""
+    if config.stage in ("dpo", "kto", "rm"):  # preference stages run on TRL's trainers
+        from loraforge.train.preference import train_preference
+
+        return train_preference(config)
     output_dir = Path(config.train.output_dir)
     check_output_dir(config, output_dir)
     check_deepspeed(config)
@@ -248,6 +282,13 @@ def train(config: Config) -> RunResult:
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
         print(stats.describe(examples, config), flush=True)
+    train_examples = len(train_set)
+    packing = packing_enabled(config)
+    if packing:  # after the cache and the split: one cache for both, no eval example in a training row
+        train_set = pack_examples(train_set, config.data.cutoff_len)
+        eval_set = pack_examples(eval_set, config.data.cutoff_len) if eval_set is not None else None
+        if main_process:
+            print(train_set.describe(), flush=True)
 
     # LoRA/prompt weights are initialised before the Trainer seeds anything: seed here, or
     # two runs of the same config start from different adapters
@@ -262,14 +303,12 @@ def train(config: Config) -> RunResult:
         print(f"{config.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)",
               flush=True)
 
-    from transformers import Trainer
-
     output_dir.mkdir(parents=True, exist_ok=True)
     args = training_arguments(config, output_dir, has_eval=eval_set is not None)
     log_path = output_dir / LOG_NAME
     if args.process_index == 0 and resume is None:
         log_path.unlink(missing_ok=True)
-    trainer = Trainer(
+    trainer = (PackedTrainer if packing else Trainer)(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         data_collator=PadCollator(pad_id(tokenizer)), callbacks=[JsonlLogger(log_path)],
     )
@@ -283,7 +322,8 @@ def train(config: Config) -> RunResult:
     losses = [r["loss"] for r in rows if "loss" in r]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     return RunResult(output_dir, result.global_step, losses[0] if losses else None,
-                     losses[-1] if losses else None, len(train_set), evals[-1] if evals else None)
+                     losses[-1] if losses else None, train_examples, evals[-1] if evals else None,
+                     train_rows=len(train_set))
 
 
 def last_eval_step(log_path: Path) -> int | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from loraforge.errors import LoraforgeError
+from loraforge.models import check_model_dir
 from loraforge.outputs import check_new_dir, new_dir
 from loraforge.tokenizer import copy_tokenizer_files, load_tokenizer
 
@@ -141,6 +142,7 @@ def resize_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path, pad_to: in
     if pad_to is not None and pad_to <= 0:
         raise LoraforgeError(f"--pad-to {pad_to}: a positive multiple such as 64")
     check_new_dir(out_dir)
+    check_model_dir(model_dir, "--model")
     if not (model_dir / "config.json").exists():
         raise LoraforgeError(f"--model {model_dir}: no config.json — pass a HF model directory")
     new_tokenizer = load_new_tokenizer(tokenizer_dir)

@@ -1,0 +1,1 @@
+"""A package, so test modules here may share a basename with another folder's (test_preference.py)."""
