@@ -1,23 +1,33 @@
-"""Serving throughput: `loraforge serve` against llama-cpp-python's own server and llama.cpp direct.
+"""Serving throughput: `loraforge serve` against llama.cpp's llama-server, llama-cpp-python's server, llama.cpp direct.
 
 One GGUF, built here: a synthetic ~107M-parameter LLaMA (hidden 768, 12 layers, 12/4
 heads, ffn 3072, SentencePiece vocab 2000, random weights, the llama2-zh chat template;
 `--shape 360m` for a bigger one) exported to Q8_0, so a decode step costs what a real
 model of that size costs. Then, one after the other on the same file with the same
-per-sequence context and threads (1, then all cores):
+per-sequence context and threads (default: every usable core):
 
-  direct     llama_cpp.Llama.create_chat_completion in this process, one stream
-  llama.cpp  python -m llama_cpp.server --model FILE           (one sequence at a time)
-  loraforge  python -m loraforge serve FILE --parallel 8       (continuous batching)
+  direct        llama_cpp.Llama.create_chat_completion in this process, one stream
+  llama_cpp     python -m llama_cpp.server --model FILE           (one sequence at a time)
+  llama-server  llama.cpp's own server, -np 8 -kvu --poll P       (continuous batching, C++)
+  loraforge     python -m loraforge serve FILE --parallel 8       (continuous batching)
+
+llama-server is built once from the llama.cpp sources vendored in the installed
+llama-cpp-python's sdist (pip download, then CMake: ~6 minutes on 2 cores, more on a busy
+machine) into ~/.cache/loraforge-bench/llama-server-<version>/; it is never a test or CI
+dependency. --background runs every target again beside a CPU-bound process (`pinned`:
+`python -c "while True: pass"` under `taskset -c 0`; `free`: the same, unpinned), so a
+busy machine's cost is measured, not guessed.
 
 For each server, N concurrent clients (1, then 8) each send M streamed chat requests with
 a fixed max_tokens and the end-of-sequence token disabled (`ignore_eos` for ours, an EOS
 logit bias of -inf for llama-cpp-python), so every answer is max_tokens long. Measured:
 aggregate generated tokens/s (all tokens / wall time of the phase), p50/p95 time to first
-token, p50/p95 total latency, errors. Prints a table; --append adds it to RESULTS.md.
+token, p50/p95 total latency, errors, and for the two batching servers the llama_decode
+calls of the phase from their /metrics (ms per step, generated tokens per step: where the
+time goes). Prints a table; --append adds it to RESULTS.md.
 
-    python benchmarks/serve.py [--clients 1,8] [--requests 4] [--max-tokens 64] [--threads 1,2]
-                               [--shape 107m|360m] [--append]
+    python benchmarks/serve.py [--clients 1,8] [--requests 4] [--max-tokens 64] [--threads auto|1,2]
+                               [--background none,pinned] [--poll 50] [--shape 107m|360m] [--append]
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import http.client
+import importlib.metadata
 import json
 import os
 import platform
@@ -32,6 +43,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import urllib.request
@@ -82,10 +94,12 @@ class Call:
 class Phase:
     target: str
     clients: int
-    threads: int
+    threads: str  # "2", or "≤2" where loraforge picks fewer while other processes use the cores
+    background: str = "none"
     calls: list[Call] = field(default_factory=list)
     wall: float = 0.0
     load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average before and after
+    steps: float | None = None  # llama_decode calls in the phase, from the server's /metrics
 
     def row(self) -> dict:
         ok = [c for c in self.calls if c.error is None]
@@ -94,7 +108,9 @@ class Phase:
         tokens = sum(c.tokens for c in ok)
         pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
         return {"target": self.target, "clients": self.clients, "threads": self.threads,
-                "requests": len(self.calls), "tokens": tokens,
+                "background": self.background, "requests": len(self.calls), "tokens": tokens,
+                "ms_step": 1000 * self.wall / self.steps if self.steps else None,
+                "tok_step": tokens / self.steps if self.steps else None,
                 "wall_s": self.wall, "tok_s": tokens / self.wall if self.wall else 0.0,
                 "ttft_p50": pct(ttft, 50), "ttft_p95": pct(ttft, 95),
                 "lat_p50": pct(latency, 50), "lat_p95": pct(latency, 95),
@@ -154,9 +170,23 @@ def stream_chat(port: int, body: dict, max_tokens: int) -> Call:
     return call
 
 
+def decode_calls(port: int, target: str) -> float | None:
+    """llama_decode calls so far, as the server counts them (None: no such counter)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    name = "loraforge_decode_steps_total" if target == "loraforge" else "llamacpp:n_decode_total"
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name) and line[len(name)] in " {"]
+    return sum(values) if values else None
+
+
 def load_phase(target: str, port: int, clients: int, requests: int, max_tokens: int, eos: int,
-               threads: int) -> Phase:
-    phase = Phase(target, clients, threads)
+               threads: str, background: str = "none", counter: str | None = None) -> Phase:
+    phase = Phase(target, clients, threads, background)
+    steps_before = decode_calls(port, counter) if counter else None
     lock = threading.Lock()
 
     def client(c: int) -> None:
@@ -174,17 +204,19 @@ def load_phase(target: str, port: int, clients: int, requests: int, max_tokens: 
         t.join()
     phase.wall = time.perf_counter() - start
     phase.load = (before, os.getloadavg()[0])
+    if steps_before is not None and (steps_after := decode_calls(port, counter)) is not None:
+        phase.steps = steps_after - steps_before
     return phase
 
 
-def direct_phase(model: Path, requests: int, max_tokens: int, ctx: int, threads: int) -> Phase:
+def direct_phase(model: Path, requests: int, max_tokens: int, ctx: int, threads: int, background: str) -> Phase:
     """llama.cpp itself, one stream, no HTTP: the ceiling for a single client."""
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(model), n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
                           verbose=False)
     eos = llm.token_eos()
-    phase = Phase("direct llama.cpp", 1, threads)
+    phase = Phase("direct llama.cpp", 1, str(threads), background)
     before, start = os.getloadavg()[0], time.perf_counter()
     for i in [None, *range(requests)]:  # the warm-up is not counted
         if i == 0:
@@ -213,11 +245,14 @@ def free_port() -> int:
 
 
 class Server:
-    """A server subprocess, ready once `probe` answers 200."""
+    """A server subprocess, ready once `probe` answers 200; its log goes to a file (a pipe
+    nobody reads would fill and stop llama-server, which logs every request)."""
 
-    def __init__(self, command: list[str], port: int, probe: str, timeout: float = 180):
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    def __init__(self, command: list[str], port: int, probe: str, log: Path, timeout: float = 180):
+        self.log = log
+        with log.open("w") as sink:
+            self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=sink, text=True,
+                                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -228,7 +263,7 @@ class Server:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                sys.exit(f"{command[2]} did not start: {self.proc.stderr.read()[-3000:]}")
+                sys.exit(f"{Path(command[0]).name} {command[1:3]} did not start: {log.read_text()[-3000:]}")
             time.sleep(0.2)
 
     def stop(self) -> None:
@@ -241,10 +276,20 @@ class Server:
                 self.proc.wait()
 
 
-def server_command(target: str, model: Path, port: int, ctx: int, threads: int, parallel: int) -> tuple[list[str], str]:
+LABELS = {"loraforge": "loraforge serve", "llama-server": "llama-server", "llama_cpp": "llama_cpp.server"}
+
+
+def server_command(target: str, model: Path, port: int, args, threads: int) -> tuple[list[str], str]:
+    parallel, ctx = max(args.clients), args.ctx
     if target == "loraforge":
         return [sys.executable, "-m", "loraforge", "serve", str(model), "--name", NAME, "--port", str(port),
                 "--parallel", str(parallel), "--ctx-size", str(ctx), "--threads", str(threads)], "/health"
+    if target == "llama-server":
+        # as loraforge serves: one unified KV cache of parallel × ctx cells, flash attention
+        # off, every slot decoded in one llama_decode (continuous batching is its default)
+        return [str(args.llama_server), "-m", str(model), "-a", NAME, "--host", "127.0.0.1", "--port", str(port),
+                "-np", str(parallel), "-c", str(parallel * ctx), "-kvu", "-t", str(threads), "-tb", str(threads),
+                "--poll", str(args.poll), "-fa", "off", "--metrics", "--no-webui"], "/health"
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", NAME,
             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(ctx), "--n_threads", str(threads),
             "--n_threads_batch", str(threads), "--verbose", "false",
@@ -252,58 +297,139 @@ def server_command(target: str, model: Path, port: int, ctx: int, threads: int, 
             "--interrupt_requests", "false"], "/v1/models"
 
 
-def run_server(target: str, model: Path, args, eos: int, threads: int) -> list[Phase]:
+def run_server(target: str, model: Path, args, eos: int, threads: int, background: str) -> list[Phase]:
     port = free_port()
-    command, probe = server_command(target, model, port, args.ctx, threads, max(args.clients))
-    server = Server(command, port, probe)
+    command, probe = server_command(target, model, port, args, threads)
+    server = Server(command, port, probe, args.cache / f"{target}.log")
+    # loraforge takes `threads` as its most: fewer while other processes use the cores
+    label = f"≤{threads}" if target == "loraforge" else str(threads)
     try:
         warm = stream_chat(port, request_body(None, 4, eos), 4)  # first-request costs are not the steady state
         if warm.error:
             sys.exit(f"{target}: the warm-up request failed: {warm.error}")
-        label = "loraforge serve" if target == "loraforge" else "llama_cpp.server"
         phases = []
         for clients in args.clients:
-            phases.append(load_phase(label, port, clients, args.requests, args.max_tokens, eos, threads))
-            print(f"  {label}, {clients} client(s), {threads} thread(s): {phases[-1].row()['tok_s']:.1f} tokens/s",
-                  file=sys.stderr)
+            phases.append(load_phase(LABELS[target], port, clients, args.requests, args.max_tokens, eos, label,
+                                     background, target if target != "llama_cpp" else None))
+            progress(phases[-1])
         return phases
     finally:
         server.stop()
 
 
+def progress(phase: Phase) -> None:
+    r = phase.row()
+    step = f", {r['ms_step']:.1f} ms/step" if r["ms_step"] else ""
+    print(f"  {r['target']}, {r['clients']} client(s), {r['threads']} thread(s), background {r['background']}: "
+          f"{r['tok_s']:.1f} tokens/s, TTFT p50 {r['ttft_p50']:.3f} s{step}, {r['errors']} errors; "
+          f"load average {r['load'][0]:.1f}→{r['load'][1]:.1f}", file=sys.stderr)
+
+
+class Background:
+    """A CPU-bound process beside the servers: `pinned` to core 0, or `free` to roam."""
+
+    def __init__(self, kind: str):
+        self.kind, self.proc = kind, None
+
+    def __enter__(self) -> Background:
+        if self.kind != "none":
+            spin = [sys.executable, "-c", "while True: pass"]
+            self.proc = subprocess.Popen(["taskset", "-c", "0", *spin] if self.kind == "pinned" else spin)
+            time.sleep(1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def llama_server_binary(cache: Path) -> tuple[Path, str]:
+    """llama.cpp's llama-server from the sources vendored in the installed llama-cpp-python's
+    sdist: built once (CMake, minutes), then reused. Returns the binary and the version."""
+    version = importlib.metadata.version("llama_cpp_python")
+    home = cache / f"llama-server-{version}"
+    binary = home / "src" / "build" / "bin" / "llama-server"
+    if binary.exists():
+        return binary, version
+    home.mkdir(parents=True, exist_ok=True)
+    sdist = home / f"llama_cpp_python-{version}.tar.gz"
+    if not sdist.exists():
+        print(f"downloading the llama-cpp-python {version} sdist for its llama.cpp sources", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-deps",
+                        "--no-binary", ":all:", "-d", str(home)], check=True)
+    prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+        for m in members:
+            m.name = "src/" + m.name[len(prefix):]
+        tar.extractall(home, members, filter="data")
+    src, jobs = home / "src", str(len(os.sched_getaffinity(0)))
+    print(f"building llama-server in {src}/build (once; ~6 min on 2 cores)", file=sys.stderr)
+    subprocess.run(["cmake", "-B", "build", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_SERVER=ON",
+                    "-DCMAKE_BUILD_TYPE=Release"], cwd=src, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", "build", "--target", "llama-server", "-j", jobs], cwd=src, check=True)
+    return binary, version
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| target | threads | clients | requests | tokens | wall s | tokens/s | TTFT p50 s | TTFT p95 s | latency p50 s "
-             "| latency p95 s | errors | load avg before→after |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| background | target | threads | clients | requests | tokens | wall s | tokens/s | TTFT p50 s | TTFT p95 s "
+             "| latency p50 s | latency p95 s | ms/step | tokens/step | errors | load avg before→after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['target']} | {r['threads']} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.1f} | "
-                     f"{r['tok_s']:.1f} | {r['ttft_p50']:.3f} | {r['ttft_p95']:.3f} | {r['lat_p50']:.2f} | "
-                     f"{r['lat_p95']:.2f} | {r['errors']} | {r['load'][0]:.1f}→{r['load'][1]:.1f} |")
+        step = f"{r['ms_step']:.1f} | {r['tok_step']:.2f}" if r["ms_step"] else "– | –"
+        lines.append(f"| {r['background']} | {r['target']} | {r['threads']} | {r['clients']} | {r['requests']} | "
+                     f"{r['tokens']} | {r['wall_s']:.1f} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} | {r['ttft_p95']:.3f} | "
+                     f"{r['lat_p50']:.2f} | {r['lat_p95']:.2f} | {step} | {r['errors']} | "
+                     f"{r['load'][0]:.1f}→{r['load'][1]:.1f} |")
     return "\n".join(lines)
 
 
 def verdicts(rows: list[dict]) -> list[str]:
     out = []
-    for threads in dict.fromkeys(r["threads"] for r in rows):
-        out += verdicts_at(threads, [r for r in rows if r["threads"] == threads])
+    for background, threads in dict.fromkeys((r["background"], r["threads"].lstrip("≤")) for r in rows):
+        out += verdicts_at(f"{threads} thread(s), background {background}",
+                           [r for r in rows if (r["background"], r["threads"].lstrip("≤")) == (background, threads)])
+    out += robustness(rows)
     errors = sum(r["errors"] for r in rows)
     out.append(f"- errors: {errors} (target 0)" + (f"; first: {next(r['first_error'] for r in rows if r['errors'])}"
                                                    if errors else ""))
     return out
 
 
-def verdicts_at(threads: int, rows: list[dict]) -> list[str]:
+def verdicts_at(where: str, rows: list[dict]) -> list[str]:
     find = lambda target, clients: next((r for r in rows if r["target"] == target and r["clients"] == clients), None)  # noqa: E731
     out = []
+    for clients in sorted({r["clients"] for r in rows}):
+        ours, cpp = find("loraforge serve", clients), find("llama-server", clients)
+        if ours and cpp:
+            target = "≥ 1×, TTFT no worse" if clients > 1 else "≥ 0.95×"
+            out.append(f"- {where}, {clients} client(s): loraforge serve {ours['tok_s'] / cpp['tok_s']:.2f}× "
+                       f"llama-server's tokens/s (target {target}); p50 TTFT {ours['ttft_p50']:.3f} s vs "
+                       f"{cpp['ttft_p50']:.3f} s" + (f"; {ours['ms_step']:.1f} vs {cpp['ms_step']:.1f} ms per "
+                                                     f"llama_decode, {ours['tok_step']:.2f} vs {cpp['tok_step']:.2f} "
+                                                     "tokens per step" if ours["ms_step"] and cpp["ms_step"] else ""))
     ours8, theirs8 = find("loraforge serve", 8), find("llama_cpp.server", 8)
     if ours8 and theirs8:
-        out.append(f"- {threads} thread(s), 8 clients: loraforge serve {ours8['tok_s'] / theirs8['tok_s']:.2f}× llama_cpp.server's "
-                   f"aggregate tokens/s (target ≥ 2×); p50 TTFT {ours8['ttft_p50']:.3f} s vs "
-                   f"{theirs8['ttft_p50']:.3f} s (target: no worse)")
+        out.append(f"- {where}, 8 clients: loraforge serve {ours8['tok_s'] / theirs8['tok_s']:.2f}× llama_cpp.server's "
+                   f"aggregate tokens/s (target ≥ 2×)")
     ours1, direct = find("loraforge serve", 1), find("direct llama.cpp", 1)
     if ours1 and direct:
-        out.append(f"- {threads} thread(s), 1 client: loraforge serve at {ours1['tok_s'] / direct['tok_s']:.1%} of direct llama.cpp's "
-                   f"tokens/s (target ≥ 90%)")
+        out.append(f"- {where}, 1 client: loraforge serve at {ours1['tok_s'] / direct['tok_s']:.1%} of direct "
+                   f"llama.cpp's tokens/s (target ≥ 90%)")
+    return out
+
+
+def robustness(rows: list[dict]) -> list[str]:
+    """Each server's tokens/s beside the background process, against its own on the quiet run."""
+    quiet = {(r["target"], r["threads"], r["clients"]): r for r in rows if r["background"] == "none"}
+    out = []
+    for r in rows:
+        base = quiet.get((r["target"], r["threads"], r["clients"]))
+        if r["background"] != "none" and base and base["tok_s"]:
+            goal = " (target ≥ 50%)" if r["target"] == "loraforge serve" else ""
+            out.append(f"- background {r['background']}: {r['target']} ({r['threads']} threads, {r['clients']} "
+                       f"client(s)) keeps {r['tok_s'] / base['tok_s']:.0%} of its quiet tokens/s{goal}")
     return out
 
 
@@ -314,37 +440,50 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="107m", help="the synthetic model's size")
     parser.add_argument("--ctx", type=int, default=512, help="context per sequence, for every target")
-    # one thread, then every core: on a busy machine llama.cpp's spinning worker threads
-    # oversubscribe the cores and every target slows down by several times, erratically,
-    # while one thread stays steady; the load average printed per phase tells which it was
-    cores = os.cpu_count() or 1
-    parser.add_argument("--threads", default="1" if cores == 1 else f"1,{cores}",
-                        help="llama.cpp threads for every target; a list runs each (default 1 and all cores)")
-    parser.add_argument("--targets", default="direct,llama_cpp,loraforge", help="which of them to run")
+    cores = len(os.sched_getaffinity(0))
+    parser.add_argument("--threads", default=str(cores),
+                        help="llama.cpp threads for every target, a list runs each (default: every usable core, "
+                             "llama-server's own default; loraforge takes it as its most)")
+    parser.add_argument("--background", default="none,pinned",
+                        help="beside which CPU-bound process to run everything: none, pinned (taskset -c 0), free")
+    parser.add_argument("--poll", type=int, default=50,
+                        help="llama-server --poll (its default 50; ignored by an OpenMP build of ggml, as these are)")
+    parser.add_argument("--targets", default="direct,llama_cpp,llama-server,loraforge", help="which of them to run")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench-serve", help="where the GGUF is kept")
+    parser.add_argument("--build-cache", type=Path, default=Path.home() / ".cache" / "loraforge-bench",
+                        help="where llama-server is built, once")
     parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     args.threads = [int(t) for t in args.threads.split(",")]
+    backgrounds = args.background.split(",")
     targets = args.targets.split(",")
-    if unknown := set(targets) - {"direct", "llama_cpp", "loraforge"}:
-        sys.exit(f"--targets: unknown {', '.join(sorted(unknown))} (direct, llama_cpp, loraforge)")
+    if unknown := set(targets) - {"direct", *LABELS}:
+        sys.exit(f"--targets: unknown {', '.join(sorted(unknown))} (direct, {', '.join(LABELS)})")
+    if unknown := set(backgrounds) - {"none", "pinned", "free"}:
+        sys.exit(f"--background: unknown {', '.join(sorted(unknown))} (none, pinned, free)")
 
     args.cache.mkdir(parents=True, exist_ok=True)
     model = build_model(args.cache, args.shape)
+    versions = [f"llama-cpp-python {importlib.metadata.version('llama_cpp_python')}"]
+    if "llama-server" in targets:
+        args.llama_server, version = llama_server_binary(args.build_cache)
+        versions.append(f"llama-server from its vendored llama.cpp ({version}, GGML_NATIVE, OpenMP)")
     from gguf import GGUFReader
 
     reader = GGUFReader(str(model))
     eos = int(reader.fields["tokenizer.ggml.eos_token_id"].parts[-1][0])
     started = time.perf_counter()
     phases: list[Phase] = []
-    for threads in args.threads:
-        if "direct" in targets:
-            phases.append(direct_phase(model, args.requests, args.max_tokens, args.ctx, threads))
-            print(f"  direct llama.cpp, {threads} thread(s): {phases[-1].row()['tok_s']:.1f} tokens/s", file=sys.stderr)
-        for target in ("llama_cpp", "loraforge"):
-            if target in targets:
-                phases.extend(run_server(target, model, args, eos, threads))
+    for background in backgrounds:
+        with Background(background):
+            for threads in args.threads:
+                if "direct" in targets:
+                    phases.append(direct_phase(model, args.requests, args.max_tokens, args.ctx, threads, background))
+                    progress(phases[-1])
+                for target in LABELS:
+                    if target in targets:
+                        phases.extend(run_server(target, model, args, eos, threads, background))
     rows = [p.row() for p in phases]
     text = table(rows)
     notes = verdicts(rows)
@@ -358,9 +497,13 @@ def main() -> None:
                      f"{' '.join(f'{k} {v}' for k, v in SHAPES[args.shape].items())}, vocab 2000, random weights), "
                      f"{args.requests} streamed chat requests per client, "
                      f"max_tokens {args.max_tokens} with EOS disabled, temperature 0, context {args.ctx} per "
-                     f"sequence, the same llama.cpp threads for every target; loraforge serve --parallel "
-                     f"{max(args.clients)}; llama_cpp.server --interrupt_requests false (by default a new "
-                     f"request aborts the one streaming). tokens/s = all generated tokens / wall time of the phase. "
+                     f"sequence, the same llama.cpp threads for every target (loraforge: at most that many); "
+                     f"loraforge serve --parallel {max(args.clients)}; llama-server -np {max(args.clients)} "
+                     f"-c {max(args.clients) * args.ctx} -kvu -fa off --poll {args.poll}; llama_cpp.server "
+                     f"--interrupt_requests false (by default a new request aborts the one streaming). "
+                     f"{'; '.join(versions)}. Background `pinned`: `python -c \"while True: pass\"` under "
+                     f"`taskset -c 0`; `free`: the same unpinned. tokens/s = all generated tokens / wall time of "
+                     f"the phase; ms/step = wall time / llama_decode calls in the phase (the servers' /metrics). "
                      f"Run took {time.perf_counter() - started:.0f} s; the machine is shared, so the 1-minute "
                      f"load average is given per phase.\n\n{text}\n\n" + "\n".join(notes) + "\n")
 

@@ -498,6 +498,22 @@ def cmd_export_imatrix(args) -> None:
           f"({result.seconds:.1f} s); use it with: loraforge export gguf ... --imatrix {result.path}")
 
 
+def cmd_score(args) -> None:
+    from loraforge.train.preference import score_file
+
+    names = [name for name in args.data.split(",") if name]
+    print(score_file(Path(args.run), names, Path(args.data_dir) if args.data_dir else None, Path(args.output)))
+
+
+def _score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="a stage rm run directory (its adapter or full weights, and loraforge.yaml)")
+    parser.add_argument("--data", required=True,
+                        help="data files or dataset_info.json names, comma-separated: chosen/rejected pairs "
+                             "(both answers scored) or conversations (the last answer scored)")
+    parser.add_argument("--data-dir", default=None, help="the folder with dataset_info.json (for names)")
+    parser.add_argument("-o", "--output", required=True, help="scores jsonl to write, one line per record")
+
+
 def _export_imatrix_arguments(parser: argparse.ArgumentParser) -> None:
     from loraforge.export.imatrix_compute import DEFAULT_CHUNK
 
@@ -552,6 +568,8 @@ COMMANDS: list[tuple[tuple[str, ...], Callable, str, Callable | None]] = [
     (("eval", "quant"), cmd_eval_quant,
      "per quant type: size, bpw, perplexity, KL vs F16 (mean, p99), top-1, tokens/s; plot; recommendation",
      _eval_quant_arguments),
+    (("score",), cmd_score, "rewards from a reward model run (stage rm) for pairs or answers in data files",
+     _score_arguments),
     (("serve",), cmd_serve, "OpenAI-compatible server with continuous batching, LoRA adapters by name, chat page",
      _serve_arguments),
 ]

@@ -53,6 +53,13 @@ def check_model_dir(path: str | Path, key: str) -> None:
         raise LoraforgeError(f"{key} {path} is a file, not a model directory — pass the folder that holds it")
 
 
+def reward_model_error(what: str) -> LoraforgeError:
+    """The one refusal for a stage rm model wherever a generating model is expected."""
+    return LoraforgeError(f"{what} is a reward model (stage rm: a one-number score head in place of lm_head): it "
+                          "scores text and does not generate, so it is not chatted with, merged or exported for llama.cpp — "
+                          "score with `loraforge score RUN --data FILE -o scores.jsonl`")
+
+
 def resolve_model(ref: str | Path, base: str | Path | None = None) -> ModelRef:
     """Turn a model reference into a ModelRef; `base` overrides an adapter's recorded base."""
     path = Path(ref).expanduser()
@@ -69,6 +76,9 @@ def resolve_model(ref: str | Path, base: str | Path | None = None) -> ModelRef:
     if (path / "config.json").exists():
         if base is not None:
             raise LoraforgeError(f"--base {base} only applies to an adapter directory; {path} is a full model")
+        names = read_json(path / "config.json").get("architectures") or []
+        if any(name.endswith("ForSequenceClassification") for name in names):
+            raise reward_model_error(f"{path} ({', '.join(names)})")
         if not any((path / w).exists() for w in _WEIGHTS):
             raise LoraforgeError(f"{path} has config.json but no weights ({' or '.join(_WEIGHTS[:2])}): "
                                  "copy the model's weight files into it")
@@ -91,6 +101,8 @@ def _gguf(path: Path) -> ModelRef:
 def _adapter(path: Path, base: str | Path | None) -> ModelRef:
     chain = [path]
     config = read_json(path / "adapter_config.json")
+    if config.get("task_type") == "SEQ_CLS":
+        raise reward_model_error(str(path))
     recorded = config.get("base_model_name_or_path")
     if base is not None:
         base_dir = Path(base).expanduser()

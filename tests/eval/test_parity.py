@@ -97,7 +97,7 @@ def test_a_chain_with_an_extended_vocabulary_passes(pretrained_llama, adapters, 
 
 # the file exported and its type, the adapters it is verified against (by name), what the failure says
 WRONG = {
-    "another adapter": (["other"], "f16", ["sft"], r"top-1 agreement 0\.0% .* < 99% expected for a float file"),
+    "another adapter": (["other"], "f16", ["sft"], r"top-1 agreement \d\.\d% .* < 99% expected for a float file"),  # under 10%
     "another adapter, 4-bit": (["other"], "q4_k_m", ["sft"], r"mean KL 1\.\d+ > 0\.5 expected for a 4-bit file"),
     "an adapter left out": ([], "f16", ["sft"], r"top-1 agreement .* < 99% expected for a float file"),
     "another vocabulary": (["pt", "sft"], "f16", ["sft"],

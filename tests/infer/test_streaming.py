@@ -10,6 +10,7 @@ from loraforge.infer.engine import (
     ByteText,
     GenerationConfig,
     StopFilter,
+    prompt_text,
     render_chat,
     stream_tokens,
     template_stop_strings,
@@ -70,7 +71,7 @@ def test_loraforge_templates_render_as_in_training(name):
     expected = render_prompt(get_template(name), "你是助手。",
                              [Turn("user", "你好"), Turn("assistant", "你好！"), Turn("user", "长城在哪里？")],
                              "</s>", bos_token="<s>")
-    assert render_chat(jinja_template(get_template(name)), messages, "<s>", "</s>") == expected
+    assert prompt_text(render_chat(jinja_template(get_template(name)), messages, "<s>", "</s>")) == expected
     assert template_stop_strings(jinja_template(get_template(name))) == get_template(name).stop_strings
 
 

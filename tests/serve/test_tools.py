@@ -1,6 +1,6 @@
 """Tool calling and reasoning through `loraforge serve`, asked with the official openai client.
 
-A tiny pre-trained LLaMA learns, in a short LoRA SFT on glaive-style records written
+A tiny pre-trained LLaMA learns, in a short full SFT (LoRA on a 64-wide model does not get there) on glaive-style records written
 here, to answer "<city>天气怎么样？" with a get_weather call for that city and, given the
 tool's result, to think briefly and answer. It is trained with the qwen3 template (<think>
 reasoning) and tool_format mistral (its tool text is the shortest: the definitions as one
@@ -27,12 +27,6 @@ WEATHER_TOOL = {"name": "get_weather", "description": "查询天气",
 OPENAI_TOOLS = [{"type": "function", "function": WEATHER_TOOL}]
 CITIES = {"北京": 3, "上海": 9, "广州": 18, "深圳": 20, "杭州": 7, "成都": 11}
 
-# Known gap (issue 15, item 6 follow-up): qwen3 is now LLaMA-Factory's slot-by-slot template, and training
-# encodes its prompt slot by slot; the engines still tokenize the rendered prompt string, which on a
-# SentencePiece vocabulary gives other ids (no dummy-prefix ▁ per slot), so the tiny model answers
-# garbage. strict: these start failing (and must be un-marked) the day the engines encode prompt_segments.
-SLOT_PROMPTS = "serve tokenizes the rendered prompt; slot templates trained slot by slot (SentencePiece ids differ)"
-
 
 def question(city: str) -> str:
     return f"{city}天气怎么样？"
@@ -55,7 +49,7 @@ THOUGHT = "查到了温度"
 
 @pytest.fixture(scope="module")
 def tool_run(pretrained_llama, tmp_path_factory, root_conftest):
-    """A LoRA run that calls get_weather (qwen3 template), trained in a few seconds."""
+    """A full-SFT run that calls get_weather (qwen3 template), trained in about 20 seconds."""
     from loraforge.train.run import train
 
     data = tmp_path_factory.mktemp("tool-data")
@@ -70,8 +64,8 @@ def tool_run(pretrained_llama, tmp_path_factory, root_conftest):
         "columns": {"messages": "conversations", "tools": "tools"}}}), encoding="utf-8")
     out = tmp_path_factory.mktemp("tool-run") / "sft"
     config = root_conftest.sft_config(pretrained_llama, out, f"data.dir={data}", "data.datasets=weather_calls",
-                                      "data.template=qwen3", "data.tool_format=mistral", "data.cutoff_len=512",
-                                      "train.epochs=80", "train.lr=5e-3", "lora.r=32", "train.batch_size=3")
+                                      "data.template=qwen3", "data.tool_format=mistral", "data.cutoff_len=1024",
+                                      "method=full", "train.epochs=100", "train.lr=1e-3", "train.batch_size=3")
     result_ = train(config)
     return result_.output_dir
 
@@ -92,11 +86,10 @@ def tool_client(hf_tool_server):
 
 def ask(client, city, **extra):
     return client.chat.completions.create(model="weather", messages=[{"role": "user", "content": question(city)}],
-                                          tools=OPENAI_TOOLS, temperature=0, max_tokens=80, **extra)
+                                          tools=OPENAI_TOOLS, temperature=0, max_tokens=200, **extra)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=SLOT_PROMPTS)
 def test_a_trained_model_calls_the_tool_through_the_openai_client(tool_client):
     for city in ("北京", "深圳"):
         reply = ask(tool_client, city)
@@ -109,7 +102,6 @@ def test_a_trained_model_calls_the_tool_through_the_openai_client(tool_client):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=SLOT_PROMPTS)
 def test_tool_results_go_back_and_the_answer_comes_with_its_reasoning(tool_client):
     city = "上海"
     first = ask(tool_client, city).choices[0].message
@@ -117,13 +109,13 @@ def test_tool_results_go_back_and_the_answer_comes_with_its_reasoning(tool_clien
                 {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in first.tool_calls]},
                 {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": result(city)}]
     reply = tool_client.chat.completions.create(model="weather", messages=messages, tools=OPENAI_TOOLS,
-                                                temperature=0, max_tokens=80)
+                                                temperature=0, max_tokens=200)
     message = reply.choices[0].message
     assert reply.choices[0].finish_reason == "stop" and message.tool_calls is None
     assert message.content == answer(city)
     assert message.model_extra["reasoning_content"] == THOUGHT
     streamed = tool_client.chat.completions.create(model="weather", messages=messages, tools=OPENAI_TOOLS,
-                                                   temperature=0, max_tokens=80, stream=True)
+                                                   temperature=0, max_tokens=200, stream=True)
     chunks = list(streamed)
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
@@ -132,7 +124,6 @@ def test_tool_results_go_back_and_the_answer_comes_with_its_reasoning(tool_clien
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=SLOT_PROMPTS)
 def test_streamed_tool_calls_come_as_deltas_the_client_assembles(tool_client):
     chunks = list(ask(tool_client, "杭州", stream=True))
     calls: dict[int, dict] = {}
@@ -149,16 +140,15 @@ def test_streamed_tool_calls_come_as_deltas_the_client_assembles(tool_client):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=SLOT_PROMPTS)
 def test_tool_choice_none_required_and_named(tool_client, hf_tool_server):
     # none: no tools in the prompt, and the reply is never read as a call
     plain = ask(tool_client, "成都", tool_choice="none").choices[0]
     assert plain.finish_reason in ("stop", "length") and plain.message.tool_calls is None
     # required / named: the prompt ends with the opening of the call, so the reply is one
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        reply = ask(tool_client, "广州", tool_choice=choice).choices[0]
+        reply = ask(tool_client, "深圳", tool_choice=choice).choices[0]
         assert reply.finish_reason == "tool_calls"
-        assert json.loads(reply.message.tool_calls[0].function.arguments) == {"city": "广州"}
+        assert json.loads(reply.message.tool_calls[0].function.arguments) == {"city": "深圳"}
     status, body = http(hf_tool_server.url + "/v1/chat/completions", {
         "model": "weather", "messages": [{"role": "user", "content": "hi"}], "tools": OPENAI_TOOLS,
         "tool_choice": {"type": "function", "function": {"name": "get_time"}}})
@@ -248,10 +238,10 @@ def test_the_chat_page_shows_the_call_and_sends_the_typed_result_as_the_tool_mes
 
 
 @pytest.fixture(scope="module")
-def gguf_tool_server(tool_run, pretrained_llama, tmp_path_factory):
+def gguf_tool_server(tool_run, tmp_path_factory):
     from loraforge.export.gguf_writer import export_gguf
 
-    model = export_gguf(pretrained_llama, [tool_run], tmp_path_factory.mktemp("tool-gguf") / "weather.gguf", "f16")
+    model = export_gguf(tool_run, [], tmp_path_factory.mktemp("tool-gguf") / "weather.gguf", "f16")
     process = ServerProcess(str(model), "--name", "weather", "--ctx-size", "2048")
     process.model = model
     yield process
@@ -259,7 +249,6 @@ def gguf_tool_server(tool_run, pretrained_llama, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=SLOT_PROMPTS)
 def test_the_exported_gguf_calls_the_tool_too(gguf_tool_server):
     from openai import OpenAI
 

@@ -124,3 +124,13 @@ def test_packing_is_refused_where_it_cannot_keep_examples_apart(tiny_llama, tmp_
     with pytest.raises(LoraforgeError, match="stage: sft"):
         packing_enabled(sft_config(tiny_llama, tmp_path, "packing=true", "stage=dpo"))
     assert not packing_enabled(sft_config(tiny_llama, tmp_path, "data.packing=true", "stage=pt"))  # pt packs already
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto", "rm"])
+def test_a_preference_run_with_packing_is_refused_before_anything_is_written(tiny_llama, tmp_path, stage):
+    from loraforge.train.run import train
+
+    out = tmp_path / "run"
+    with pytest.raises(LoraforgeError, match=f"data.neat_packing=true is for stage: sft; stage: {stage}"):
+        train(sft_config(tiny_llama, out, "data.neat_packing=true", f"stage={stage}"))
+    assert not out.exists()

@@ -183,7 +183,7 @@ def test_kto_moves_desirable_up_and_undesirable_down(pretrained_llama, pref_data
 
 
 @pytest.mark.slow
-def test_reward_model_ranks_heldout_chosen_first_and_scores_text(pretrained_llama, pref_data, tmp_path):
+def test_reward_model_ranks_heldout_chosen_first_and_scores_text(pretrained_llama, pref_data, tmp_path, capsys):
     from loraforge.train.preference import score
 
     out = tmp_path / "rm"
@@ -208,6 +208,36 @@ def test_reward_model_ranks_heldout_chosen_first_and_scores_text(pretrained_llam
     conversations = [Conversation((Turn("user", q), Turn("assistant", a))) for q, c, r in HELD for a in (c, r)]
     assert score(out, conversations) == pytest.approx([x for pair_ in rewards for x in pair_], abs=1e-4)
 
+    # the command: held-out pairs in dpo_zh_demo's layout, and alpaca answers, scored into jsonl
+    from loraforge.cli import main
+
+    held = tmp_path / "held_pairs.json"
+    held.write_text(json.dumps([{"conversations": [{"from": "human", "value": q}], "chosen": {"from": "gpt", "value": c},
+                                 "rejected": {"from": "gpt", "value": r}} for q, c, r in HELD], ensure_ascii=False),
+                    encoding="utf-8")
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"instruction": q, "output": c}, ensure_ascii=False) + "\n"
+                               for q, c, _ in HELD[:2]), encoding="utf-8")
+    assert main(["score", str(out), "--data", f"{held},{answers}", "-o", str(tmp_path / "scores.jsonl")]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [x for line in lines[:len(HELD)] for x in (line["chosen"], line["rejected"])] == pytest.approx(
+        [x for pair_ in rewards for x in pair_], abs=1e-4)
+    assert [line["reward"] for line in lines[len(HELD):]] == pytest.approx([c for c, _ in rewards[:2]], abs=1e-4)
+    assert lines[0]["source"] == f"{held}:1"
+    right = sum(c > r for c, r in rewards)
+    assert f"chosen above rejected in {right} of {len(HELD)} pairs" in capsys.readouterr().out
+
+    # a reward model does not generate: every command that expects a generating model says so, writing nothing
+    for command in (["export", "gguf", "--base", str(pretrained_llama), "--adapter", str(out), "-o",
+                     str(tmp_path / "rm.gguf")], ["merge", "--base", str(pretrained_llama), "--adapter", str(out),
+                                                  "-o", str(tmp_path / "merged")],
+                    ["export", "lora-gguf", "--adapter", str(out), "-o", str(tmp_path / "rm-lora.gguf")],
+                    ["generate", str(out), "--input", str(answers), "-o", str(tmp_path / "g.jsonl")]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert f"{out} is a reward model (stage rm" in err and "loraforge score" in err, (command, err)
+    assert not any((tmp_path / name).exists() for name in ("rm.gguf", "merged", "rm-lora.gguf", "g.jsonl"))
+
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["stage=kto", "train.batch_size=1"], r"stage kto needs train.batch_size ≥ 2"),
@@ -217,6 +247,16 @@ def test_reward_model_ranks_heldout_chosen_first_and_scores_text(pretrained_llam
 def test_preference_configs_that_cannot_train_are_refused(tiny_llama, pref_data, tmp_path, overrides, message):
     with pytest.raises(LoraforgeError, match=message):
         train(pref_config(tiny_llama, tmp_path / "x", pref_data["pairs"], *overrides))
+
+
+def test_score_refuses_what_is_not_a_reward_model(tiny_llama, tmp_path, capsys):
+    from loraforge.cli import main
+
+    assert main(["score", str(tiny_llama), "--data", "x.json", "-o", str(tmp_path / "s.jsonl")]) == 2
+    assert f"{tiny_llama} is not a reward model run" in capsys.readouterr().err
+    assert main(["score", str(tmp_path / "nope"), "--data", "x.json", "-o", str(tmp_path / "s.jsonl")]) == 2
+    assert "no such model directory" in capsys.readouterr().err
+    assert not (tmp_path / "s.jsonl").exists()
 
 
 def test_sft_data_for_dpo_names_the_stage(tiny_llama, tmp_path):

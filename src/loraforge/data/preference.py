@@ -223,8 +223,8 @@ def load_preference_records(path: Path, *, kind: str, formatting: str = "auto", 
         if kind == "scored":
             scored.append(record)
         elif stage == "kto" and isinstance(record, Preference):
-            report.records += [Feedback(_answered(record.prompt, record.chosen), True, source),
-                               Feedback(_answered(record.prompt, record.rejected), False, source)]
+            report.records += [Feedback(answered(record.prompt, record.chosen), True, source),
+                               Feedback(answered(record.prompt, record.rejected), False, source)]
         else:
             report.records.append(record)
     if scored:
@@ -236,7 +236,7 @@ def load_preference_records(path: Path, *, kind: str, formatting: str = "auto", 
     return report
 
 
-def _answered(prompt: Conversation, answer: str) -> Conversation:
+def answered(prompt: Conversation, answer: str) -> Conversation:
     return replace(prompt, turns=(*prompt.turns, Turn("assistant", answer)))
 
 
@@ -317,7 +317,7 @@ class FeedbackExamples:
 def prompt_and_answer(tokenizer, template: Template, prompt: Conversation, answer: str) -> tuple[list[int], list[int]]:
     """Ids of the prompt and of one answer to it (answer + end token), exactly as SFT encodes the conversation."""
     # SFT's own encoder; the last learned run is this answer (+ end token), everything before it the prompt
-    enc = encode_conversation(tokenizer, template, _answered(prompt, answer), cutoff_len=1 << 30)
+    enc = encode_conversation(tokenizer, template, answered(prompt, answer), cutoff_len=1 << 30)
     learned = [label != IGNORE for label in enc.labels]
     end = len(learned) - learned[::-1].index(True)
     start = end

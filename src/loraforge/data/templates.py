@@ -142,7 +142,7 @@ TEMPLATES: dict[str, Template] = {
         ),
         Template(
             name="llama3", description=f"Llama-3 instruct, {_LF}: <|start_header_id|>role<|end_header_id|> … <|eot_id|>",
-            default_system=None, stop_strings=("<|eot_id|>",), end_token="<|eot_id|>", prefix="{bos}",
+            default_system=None, stop_strings=("<|eot_id|>", "<|eom_id|>"), end_token="<|eot_id|>", prefix="{bos}",
             system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
             user="<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>",
             assistant="<|start_header_id|>assistant<|end_header_id|>\n\n", slots=True,

@@ -25,8 +25,10 @@ import numpy as np
 
 from loraforge.env import usable_cpus
 from loraforge.errors import LoraforgeError
+from loraforge.infer.engine import Prompt, hf_prompt_ids, prompt_text, prompt_token_ids
+from loraforge.infer.llamacpp import llama_tokenize
 from loraforge.outputs import write_text
-from loraforge.tokenizer import encode_prompt, load_chain_tokenizer, starts_with_bos
+from loraforge.tokenizer import load_chain_tokenizer
 
 PROBES = ["春天来了，公园里的花都开了。", "Hello world, this is a test.", "混合 English 和中文 2024年 GPU",
           "全角标点：，。！？：“引号”（括号）", "数字 1234567890 和  两个空格", "第一行\n第二行\n\n空行",
@@ -196,12 +198,12 @@ def _greedy_gguf(llm, ids: list[int], n: int, stop: set[int]) -> list[int]:
     return got
 
 
-def _tokenization(llm, tokenizer, texts: list[str]) -> list[dict]:
+def _tokenization(llm, tokenizer, prompts: list[Prompt]) -> list[dict]:
     rows = []
-    for text in texts:
-        ours = llm.tokenize(text.encode("utf-8"), add_bos=not starts_with_bos(tokenizer, text), special=True)
-        theirs = encode_prompt(tokenizer, text)
-        row = {"text": text, "match": ours == theirs, "tokens": len(theirs)}
+    for prompt in prompts:
+        ours = prompt_token_ids(prompt, llama_tokenize(llm), tokenizer.bos_token or "")
+        theirs = hf_prompt_ids(tokenizer, prompt)
+        row = {"text": prompt_text(prompt), "match": ours == theirs, "tokens": len(theirs)}
         if ours != theirs:
             at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
             row.update(first_difference=at, gguf=ours[at:at + 3], hf=theirs[at:at + 3],
@@ -211,11 +213,12 @@ def _tokenization(llm, tokenizer, texts: list[str]) -> list[dict]:
     return rows
 
 
-def _template_prompts(tokenizer) -> list[tuple[str, str]]:
+def _template_prompts(tokenizer) -> list[tuple[str, Prompt]]:
     """(question, prompt) for each of PROMPTS as the model is asked it: through loraforge's template
     when it wrote the chat template (the render training used), else through the tokenizer's Jinja."""
     from loraforge.data.records import Turn
-    from loraforge.data.templates import get_template, render_prompt, template_name_in
+    from loraforge.data.templates import get_template, template_name_in
+    from loraforge.infer.engine import turns_prompt
 
     chat_template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     if not chat_template:
@@ -225,8 +228,8 @@ def _template_prompts(tokenizer) -> list[tuple[str, str]]:
         return [(p, tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                   add_generation_prompt=True)) for p in PROMPTS]
     template = get_template(name)
-    return [(p, render_prompt(template, None, [Turn("user", p)], tokenizer.eos_token or "",
-                              bos_token=tokenizer.bos_token or "")) for p in PROMPTS]
+    return [(p, turns_prompt(template, None, [Turn("user", p)], tokenizer.eos_token or "", tokenizer.bos_token or ""))
+            for p in PROMPTS]
 
 
 def _judge(tokens: list[dict], overall: dict, limits: Limits) -> list[str]:
@@ -283,7 +286,7 @@ def verify_export(gguf_path: Path, base_dir: Path, adapter_dirs: list[Path], rep
     rendered = _template_prompts(tokenizer)
     # (label, text): three probes and the chat prompts (the bare questions if there is no template)
     cases = [(t, t) for t in PROBES[:3]] + ([(f"[chat] {q}", t) for q, t in rendered] or [(p, p) for p in PROMPTS])
-    longest = max(len(encode_prompt(tokenizer, t)) for t in PROBES + TOKENIZER_PROBES + [t for _, t in cases])
+    longest = max(len(hf_prompt_ids(tokenizer, t)) for t in PROBES + TOKENIZER_PROBES + [t for _, t in cases])
     threads = usable_cpus()
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=longest + GENERATED_TOKENS + 8, logits_all=True,
                           n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -316,7 +319,7 @@ def verify_export(gguf_path: Path, base_dir: Path, adapter_dirs: list[Path], rep
     return report
 
 
-def _compare(llm, model, tokenizer, cases: list[tuple[str, str]]) -> dict:
+def _compare(llm, model, tokenizer, cases: list[tuple[str, Prompt]]) -> dict:
     """Logits at every position of each case; greedy continuations of the last two (the chat prompts)."""
     from tqdm import tqdm
 
@@ -325,18 +328,18 @@ def _compare(llm, model, tokenizer, cases: list[tuple[str, str]]) -> dict:
     logits, generation = [], []
     with tqdm(total=len(cases) + 2 * len(generate), desc="verify", unit="check") as progress:
         for label, text in cases:
-            ids = encode_prompt(tokenizer, text)
-            logits.append({"label": label, "text": text,
+            ids = hf_prompt_ids(tokenizer, text)
+            logits.append({"label": label, "text": prompt_text(text),
                            **compare_logits(_gguf_logits(llm, ids), _hf_logits(model, ids))})
             progress.update()
         for label, text in generate:
-            ids = encode_prompt(tokenizer, text)
+            ids = hf_prompt_ids(tokenizer, text)
             hf = _greedy_hf(model, ids, GENERATED_TOKENS, stop)
             progress.update()
             ours = _greedy_gguf(llm, ids, GENERATED_TOKENS, stop)
             progress.update()
             same = next((i for i, (a, b) in enumerate(zip(hf, ours)) if a != b), min(len(hf), len(ours)))
-            generation.append({"label": label, "prompt": text, "identical": hf == ours, "common_prefix": same,
+            generation.append({"label": label, "prompt": prompt_text(text), "identical": hf == ours, "common_prefix": same,
                                "tokens": max(len(hf), len(ours)), "hf_ids": hf, "gguf_ids": ours,
                                "hf": tokenizer.decode(hf, skip_special_tokens=True),
                                "gguf": tokenizer.decode(ours, skip_special_tokens=True)})

@@ -16,6 +16,7 @@ import torch
 
 from loraforge.errors import LoraforgeError
 from loraforge.export.rope import llama3_rope_factors, rope_of
+from loraforge.models import reward_model_error
 
 # HF name (with {i} for the layer) → GGUF name
 LAYER_NAMES = {
@@ -47,6 +48,8 @@ ARCHES = {"LlamaForCausalLM": Arch("llama", True, "llama"), "MistralForCausalLM"
 
 def arch_of(config: dict) -> Arch:
     names = config.get("architectures") or []
+    if any(name.endswith("ForSequenceClassification") for name in names):
+        raise reward_model_error(f"this model ({', '.join(names)})")
     for name in names:
         if name in ARCHES:
             return ARCHES[name]

@@ -149,6 +149,10 @@ def read_adapter(path: Path) -> Adapter:
 
 def check_adapter_config(config_file: Path, config: dict) -> None:
     """Refuse, before any weight is read, what the stream cannot merge as peft would."""
+    from loraforge.models import reward_model_error
+
+    if config.get("task_type") == "SEQ_CLS":
+        raise reward_model_error(str(config_file.parent))
     kind = config.get("peft_type")
     if kind not in (*_MERGEABLE, None):
         why = (" — prompt/prefix methods add virtual tokens, not weights, and need the adapter at inference"

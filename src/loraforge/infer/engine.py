@@ -20,16 +20,22 @@ from typing import Literal, Protocol, runtime_checkable
 
 from loraforge.data.records import Turn
 from loraforge.data.templates import (
+    Template,
     conversation_from_messages,
     get_template,
-    render_prompt,
+    prompt_segments,
     template_in,
 )
+from loraforge.data.tokenize import slot_ids
 from loraforge.errors import LoraforgeError
 from loraforge.tokenizer import encode_prompt
 
 FinishReason = Literal["stop", "length"]
 Messages = list[dict]
+# A prompt as the model is fed it: one text (the model's BOS added when it adds one and the
+# text lacks it), or a LLaMA-Factory slot template's segments — each encoded alone with
+# nothing added, as training encoded them (on SentencePiece each gets its own dummy `▁`).
+Prompt = str | list[str]
 # end-of-turn markers of common foreign templates: a template that writes one stops at it
 _KNOWN_END_MARKERS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>")
 # special tokens llama.cpp's vocabulary loader marks end-of-generation by their text
@@ -142,7 +148,7 @@ def _turns(messages: Messages) -> tuple[str | None, list[Turn]]:
 
 
 def render_chat(chat_template: str | None, messages: Messages, bos: str, eos: str,
-                tools: list | None = None) -> str:
+                tools: list | None = None) -> Prompt:
     """The generation prompt for `messages` (and the tool definitions offered, OpenAI's
     `tools`), through the model's own chat template.
 
@@ -151,21 +157,49 @@ def render_chat(chat_template: str | None, messages: Messages, bos: str, eos: st
     results included. Any other template is rendered as transformers does, with Jinja in
     a sandbox (`tools` passed as apply_chat_template passes it). The text starts with BOS
     only if the template writes it (foreign ones may); `Engine.tokenize` never adds a second.
+    A LLaMA-Factory slot template gives its segments (`Prompt`), encoded as training encoded them.
     """
     template = template_in(chat_template)
     if template is not None:
         if not tools and all(m.get("role") in ("system", "user", "assistant") and not m.get("tool_calls")
                              for m in messages if isinstance(m, dict)):
             system, turns = _turns(messages)
-            return render_prompt(template, system, turns, eos, bos_token=bos)
+            return turns_prompt(template, system, turns, eos, bos)
         conv = conversation_from_messages(messages, tools)
-        return render_prompt(template, conv.system, conv.turns, eos, bos_token=bos, tools=conv.tools)
+        return turns_prompt(template, conv.system, conv.turns, eos, bos, tools=conv.tools)
     if not chat_template:
         raise LoraforgeError("the model has no chat template (tokenizer_config.json chat_template / GGUF "
                              "tokenizer.chat_template): pass --template NAME with the template it was trained with")
     if not tools and not any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages):
         _turns(messages)  # the same checks for every template
     return _render_jinja(chat_template, messages, bos, eos, tools)
+
+
+def turns_prompt(template: Template, system: str | None, turns: Sequence[Turn], eos: str, bos: str,
+                 *, tools: str | None = None) -> Prompt:
+    """The generation prompt of a loraforge template: its text, or its slots for a slot template."""
+    segments = [text for text, _ in prompt_segments(template, system, turns, eos, bos_token=bos, tools=tools)]
+    return segments if template.slots else "".join(segments)
+
+
+def prompt_text(prompt: Prompt) -> str:
+    return prompt if isinstance(prompt, str) else "".join(prompt)
+
+
+def prompt_token_ids(prompt: Prompt, tokenize: Callable[[str, bool], list[int]], bos_text: str) -> list[int]:
+    """A prompt's ids under one rule for every engine. `tokenize(text, add_special)` is the
+    engine's own (control tokens written in the text parsed): a text gets the model's BOS
+    unless it starts with it; slot segments are each encoded alone, nothing added."""
+    if isinstance(prompt, str):
+        return tokenize(prompt, not (bos_text and prompt.startswith(bos_text)))
+    return [token for segment in prompt for token in tokenize(segment, False)]
+
+
+def hf_prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
+    """`prompt_token_ids` for a transformers tokenizer: exactly the ids training gave the prompt."""
+    if isinstance(prompt, str):
+        return encode_prompt(tokenizer, prompt)
+    return [token for segment in prompt for token in slot_ids(tokenizer, segment)]
 
 
 def _render_jinja(chat_template: str, messages: Messages, bos: str, eos: str, tools: list | None = None) -> str:
@@ -203,17 +237,19 @@ class TokenizerPrompts:
     """`tokenize` and `render` for engines that hold a transformers tokenizer (`tokenizer`,
     `bos_token`, `eos_token`, `chat_template` attributes): the hf and vLLM engines."""
 
-    def tokenize(self, text: str) -> list[int]:
-        return encode_prompt(self.tokenizer, text)
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        return hf_prompt_ids(self.tokenizer, prompt)
 
-    def render(self, messages) -> str:
+    def render(self, messages) -> Prompt:
         return render_chat(self.chat_template, messages, self.bos_token, self.eos_token)
 
 
-def prompt_ids(engine: Engine, request: Messages | str) -> list[int]:
-    """Token ids of a chat request (rendered with the template) or of a raw prompt string."""
-    text = request if isinstance(request, str) else engine.render(request)
-    return engine.tokenize(text)
+def prompt_ids(engine: Engine, request: Messages | str | list[int]) -> list[int]:
+    """Token ids of a chat request (rendered with the template), of a raw prompt string, or
+    the ids themselves (a prompt the server rendered: tool definitions, a forced call's opening)."""
+    if isinstance(request, list) and request and all(isinstance(token, int) for token in request):
+        return list(request)
+    return engine.tokenize(request if isinstance(request, str) else engine.render(request))
 
 
 # ---------------------------------------------------------------- streaming
@@ -314,14 +350,14 @@ class Engine(Protocol):
     stop_ids: set[int]  # token ids that end an answer (EOS, end-of-turn tokens); never shown
     stop_strings: tuple[str, ...]  # the template's stop strings (GenerationConfig.stop adds more)
 
-    def tokenize(self, text: str) -> list[int]:
-        """Ids as the model is fed: BOS added when the model adds one and the text has none."""
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """Ids as the model is fed (`prompt_token_ids`' rule)."""
 
-    def render(self, messages: Messages) -> str:
+    def render(self, messages: Messages) -> Prompt:
         """The chat prompt for `messages`."""
 
-    def stream(self, request: Messages | str, config: GenerationConfig) -> Iterator[Chunk]:
-        """Generate for chat messages or a raw prompt; the last chunk has finish_reason."""
+    def stream(self, request: Messages | str | list[int], config: GenerationConfig) -> Iterator[Chunk]:
+        """Generate for chat messages, a raw prompt or prompt ids; the last chunk has finish_reason."""
 
     def complete(self, request: Messages | str, config: GenerationConfig) -> Completion: ...
 

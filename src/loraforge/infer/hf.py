@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from loraforge.data.records import Conversation, Turn
-from loraforge.data.templates import Template, get_template, render_prompt
-from loraforge.data.tokenize import continuation_ids
+from loraforge.data.templates import Template, get_template
+from loraforge.data.tokenize import continuation_ids, encode_prompt_turns
 from loraforge.errors import LoraforgeError
 from loraforge.infer.engine import TokenizerPrompts
 from loraforge.tokenizer import is_sentencepiece, load_chain_tokenizer, load_tokenizer
@@ -56,9 +56,7 @@ def load_model(path: Path):
 @torch.no_grad()
 def greedy_answer(model, tokenizer, template: Template, question: str, system: str | None = None,
                   max_new_tokens: int = 64) -> str:
-    prompt = render_prompt(template, system, [Turn("user", question)], tokenizer.eos_token or "",
-                           bos_token=tokenizer.bos_token or "")
-    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=True)])
+    ids = torch.tensor([encode_prompt_turns(tokenizer, template, system, [Turn("user", question)])])
     stops = {tokenizer.eos_token_id}
     if template.end_token:
         stops.update(continuation_ids(tokenizer, template.end_token)[:1])

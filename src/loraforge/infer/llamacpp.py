@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loraforge.data.records import Turn
-from loraforge.data.templates import Template, render_prompt
+from loraforge.data.templates import Template
 from loraforge.env import usable_cpus
 from loraforge.errors import LoraforgeError
 
@@ -37,12 +37,19 @@ def load_gguf(path: Path, n_ctx: int = 0):
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
 
 
+def llama_tokenize(llm):
+    """llama-cpp-python's tokenizer as `prompt_token_ids` calls it (control tokens in the text parsed)."""
+    return lambda text, add_special: llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+
+
 def greedy_answer_gguf(llm, template: Template, question: str, system: str | None = None,
                        max_new_tokens: int = 64) -> str:
     eos = llm.detokenize([llm.token_eos()]).decode("utf-8", errors="replace")
     bos = llm.detokenize([llm.token_bos()]).decode("utf-8", errors="replace")
-    prompt = render_prompt(template, system, [Turn("user", question)], eos, bos_token=bos)
-    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+    from loraforge.infer.engine import prompt_token_ids, turns_prompt
+
+    prompt = turns_prompt(template, system, [Turn("user", question)], eos, bos)
+    ids = prompt_token_ids(prompt, llama_tokenize(llm), bos)
     out = llm.create_completion(ids, max_tokens=max_new_tokens, temperature=0.0, top_k=1,
                                 stop=list(template.stop_strings) or None)
     return out["choices"][0]["text"]
@@ -99,11 +106,12 @@ class LlamaCppEngine:
             if len(ids) == 1 and not self.piece(ids[0]):
                 self.stop_ids.add(ids[0])
 
-    def tokenize(self, text: str) -> list[int]:
-        starts_with_bos = bool(self.bos_token) and text.startswith(self.bos_token)
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=not starts_with_bos, special=True)
+    def tokenize(self, prompt) -> list[int]:
+        from loraforge.infer.engine import prompt_token_ids
 
-    def render(self, messages) -> str:
+        return prompt_token_ids(prompt, llama_tokenize(self.llm), self.bos_token)
+
+    def render(self, messages):
         from loraforge.infer.engine import render_chat
 
         return render_chat(self.chat_template, messages, self.bos_token, self.eos_token)

@@ -1,7 +1,9 @@
 """The HTTP side of `loraforge serve`: OpenAI routes, auth, errors, SSE, the chat page.
 
 Handlers validate and tokenize, hand a Job to the scheduler's decode thread, and turn its
-events into OpenAI JSON or server-sent events. Every failure a client can cause is an
+events into OpenAI JSON or server-sent events (logprobs included, in the chat or the
+legacy completions shape). /v1/embeddings runs on a worker thread, off the event loop and
+off the decode thread (`Scheduler.embed`). Every failure a client can cause is an
 OpenAI-style error body with a 4xx status; nothing a request sends can stop the decode
 thread. A client that goes away cancels its job: a closed stream at once, a dropped
 non-streaming request at its next check (every DISCONNECT_POLL_S); the decode thread then
@@ -11,6 +13,7 @@ frees the slot before its next step.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import threading
@@ -31,7 +34,13 @@ from loraforge.errors import LoraforgeError
 from loraforge.serve.batching import Delta, Failed, Finished, Job, Scheduler
 from loraforge.serve.prompts import ChatRenderer, prompt_ids
 from loraforge.serve.reply_split import ReplyPlan, ReplyStream, split_reply
-from loraforge.serve.schema import ChatCompletionRequest, CompletionRequest, parse_body
+from loraforge.serve.sampling import TokenLogprob
+from loraforge.serve.schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    parse_body,
+)
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
@@ -77,7 +86,6 @@ def build_app(scheduler: Scheduler, renderer: ChatRenderer | dict[str, ChatRende
     """`renderer`: one for every served name, or one per name (adapters with their own template)."""
     renderers = renderer if isinstance(renderer, dict) else dict.fromkeys(scheduler.lanes, renderer)
     app = FastAPI(title="loraforge", docs_url=None, redoc_url=None, openapi_url=None)
-    model = scheduler.model
     created = int(time.time())
     post = EventPost()
     scheduler.after_step.append(post.flush)
@@ -144,28 +152,51 @@ def build_app(scheduler: Scheduler, renderer: ChatRenderer | dict[str, ChatRende
         prompt = renderers[lane].render(body.message_dicts(), body.tool_dicts(), choice, body.forced_function())
         params = body.sampling(body.max_completion_tokens or body.max_tokens, prompt.stop, prompt.stop_tokens)
         return await answer(request, "/v1/chat/completions", lane, prompt.ids, params, body, chat=True,
-                            original=body.message_dicts(), plan=prompt.plan)
+                            plan=prompt.plan)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
         body = parse_body(CompletionRequest, await request.body())
         lane = lane_of(body.model)
-        ids = prompt_ids(model, body.prompt_text())
+        ids = prompt_ids(renderers[lane].model, body.prompt_text())
         return await answer(request, "/v1/completions", lane, ids, body.sampling(body.max_tokens), body, chat=False,
-                            original=body.prompt_text())
+                            prompt_chars=len(body.prompt_text()))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        authorize(request)
+        body = parse_body(EmbeddingRequest, await request.body())
+        lane = lane_of(body.model)
+        embed = getattr(scheduler, "embed", None)
+        if embed is None:
+            raise LoraforgeError("/v1/embeddings: computed by llama.cpp, which the HF engine (a model directory, "
+                                 "served through transformers) does not use: export the model (loraforge export "
+                                 "gguf) and serve the .gguf")
+        model = scheduler.vocab(lane)
+        if body.dimensions is not None and body.dimensions != model.n_embd:
+            raise LoraforgeError(f"dimensions: this model's embeddings have {model.n_embd} dimensions and cannot "
+                                 f"be shortened here: omit dimensions (or send {model.n_embd})")
+        inputs = [model.tokenize(item) if isinstance(item, str) else item for item in body.inputs()]
+        vectors = await asyncio.to_thread(embed, lane, inputs)  # never on the event loop: other requests go on
+        tokens = sum(len(ids) for ids in inputs)
+        scheduler.metrics.request("/v1/embeddings", 200)
+        data = [{"object": "embedding", "index": i, "embedding": encode_embedding(vector, body.encoding_format)}
+                for i, vector in enumerate(vectors)]
+        return JSONResponse({"object": "list", "data": data, "model": lane,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def answer(request: Request, endpoint: str, lane: str, ids: list[int], params, body, *, chat: bool,
-                     original, plan: ReplyPlan | None = None):
+                     plan: ReplyPlan | None = None, prompt_chars: int = 0):
         if not ids:
             raise LoraforgeError("the prompt is empty: send some text to continue")
         scheduler.check_prompt(ids)
         post.loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(lane, ids, params, lambda event: post.put(events, event), request=original)
+        job = Job(lane, ids, params, lambda event: post.put(events, event))
         scheduler.submit(job)
         scheduler.metrics.request(endpoint, 200)
-        reply = Reply(chat, lane, plan)
+        reply = Reply(chat, lane, plan, logprobs=params.logprobs is not None, prompt_chars=prompt_chars)
         if body.stream:
             return StreamingResponse(stream(job, events, reply, body.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -173,6 +204,7 @@ def build_app(scheduler: Scheduler, renderer: ChatRenderer | dict[str, ChatRende
 
     async def collect(request: Request, job: Job, events: asyncio.Queue, reply: Reply):
         parts: list[str] = []
+        entries: list[TokenLogprob] = []
         loop = asyncio.get_running_loop()
         checked = loop.time()
         try:
@@ -191,9 +223,11 @@ def build_app(scheduler: Scheduler, renderer: ChatRenderer | dict[str, ChatRende
                     continue
                 if isinstance(event, Delta):
                     parts.append(event.text)
+                    entries.extend(event.logprobs)
                 elif isinstance(event, Finished):
                     parts.append(event.text)
-                    return reply.whole("".join(parts), event)
+                    entries.extend(event.logprobs)
+                    return reply.whole("".join(parts), event, entries)
                 else:
                     raise ApiError(500, event.message, "server_error")
         finally:
@@ -201,7 +235,15 @@ def build_app(scheduler: Scheduler, renderer: ChatRenderer | dict[str, ChatRende
 
     async def stream(job: Job, events: asyncio.Queue, reply: Reply, include_usage: bool):
         # One chunk per decode step's text, as OpenAI streams one per token: clients and
-        # benchmarks count chunks.
+        # benchmarks count chunks. A chunk carries the logprobs of its tokens; a reasoning /
+        # tool-call reply's held-back text carries them on its next chunk.
+        pending: list[TokenLogprob] = []
+
+        def chunk(content, finish_reason: str | None = None) -> str:
+            entries = pending[:]
+            pending.clear()
+            return sse(reply.chunk(content, finish_reason, entries))
+
         try:
             if reply.chat:
                 yield sse(reply.chunk({"role": "assistant", "content": ""}))
@@ -209,25 +251,27 @@ def build_app(scheduler: Scheduler, renderer: ChatRenderer | dict[str, ChatRende
             while True:
                 event = await events.get()
                 if isinstance(event, Delta):
+                    pending.extend(event.logprobs)
                     if parts is None:
-                        yield sse(reply.chunk(event.text))
+                        yield chunk(event.text)
                     for delta in parts.push(event.text) if parts else ():
-                        yield sse(reply.chunk(delta))
+                        yield chunk(delta)
                     continue
                 if isinstance(event, Failed):
                     yield sse(error_body(event.message, "server_error"))
                     break
+                pending.extend(event.logprobs)
                 finish = event.finish_reason
                 if parts is None and event.text:
-                    yield sse(reply.chunk(event.text))
+                    yield chunk(event.text)
                 elif parts is not None:
                     for delta in parts.push(event.text):
-                        yield sse(reply.chunk(delta))
+                        yield chunk(delta)
                     deltas, called = parts.finish()
                     for delta in deltas:
-                        yield sse(reply.chunk(delta))
+                        yield chunk(delta)
                     finish = called or finish
-                yield sse(reply.chunk(None, finish))
+                yield chunk(None, finish)
                 if include_usage:
                     yield sse(reply.usage_chunk(event))
                 break
@@ -242,6 +286,12 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+def encode_embedding(vector, encoding_format: str):
+    if encoding_format == "base64":  # OpenAI's: little-endian float32, base64 (what its clients ask for by default)
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()
+
+
 def usage(event: Finished) -> dict:
     return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
             "total_tokens": event.prompt_tokens + event.completion_tokens}
@@ -250,8 +300,11 @@ def usage(event: Finished) -> dict:
 class Reply:
     """OpenAI's response shapes for one request (chat or text completion)."""
 
-    def __init__(self, chat: bool, model: str, plan: ReplyPlan | None = None):
+    def __init__(self, chat: bool, model: str, plan: ReplyPlan | None = None, logprobs: bool = False,
+                 prompt_chars: int = 0):
         self.chat, self.model = chat, model
+        self.logprobs = logprobs  # asked for: every choice carries them
+        self.prompt_chars = prompt_chars  # the legacy text_offset counts from the prompt's start
         # None: the reply is plain text (no thought to split, no tools offered)
         self.plan = plan if plan and (plan.tool_format or plan.thought_words) else None
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -260,25 +313,49 @@ class Reply:
     def _envelope(self, kind: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def whole(self, text: str, event: Finished) -> dict:
+    def whole(self, text: str, event: Finished, entries: list[TokenLogprob] = ()) -> dict:
+        logprobs = self._logprobs(entries) if self.logprobs else None
         if self.chat:
             parts = split_reply(self.plan, text) if self.plan else None
             choice = {"index": 0, "message": parts.message() if parts else {"role": "assistant", "content": text},
-                      "finish_reason": (parts and parts.finish_reason) or event.finish_reason, "logprobs": None}
+                      "finish_reason": (parts and parts.finish_reason) or event.finish_reason, "logprobs": logprobs}
             body = self._envelope("chat.completion", [choice])
         else:
-            choice = {"index": 0, "text": text, "finish_reason": event.finish_reason, "logprobs": None}
+            choice = {"index": 0, "text": text, "finish_reason": event.finish_reason, "logprobs": logprobs}
             body = self._envelope("text_completion", [choice])
         return {**body, "usage": usage(event)}
 
-    def chunk(self, content, finish_reason: str | None = None) -> dict:
+    def chunk(self, content, finish_reason: str | None = None, entries: list[TokenLogprob] = ()) -> dict:
+        logprobs = self._logprobs(entries) if self.logprobs and entries else None
         if self.chat:
             delta = content if isinstance(content, dict) else ({} if content is None else {"content": content})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
             return self._envelope("chat.completion.chunk", [choice])
-        choice = {"index": 0, "text": content or "", "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": 0, "text": content or "", "finish_reason": finish_reason, "logprobs": logprobs}
         return self._envelope("text_completion", [choice])
+
+    def _logprobs(self, entries: list[TokenLogprob]) -> dict:
+        """OpenAI's chat shape (`content`: token, logprob, bytes, top_logprobs per token), or the
+        legacy completions one (parallel lists; each place's top tokens plus the chosen one)."""
+        if self.chat:
+            return {"content": [{**_token(e.data, e.logprob),
+                                 "top_logprobs": [_token(data, value) for _, data, value in e.top]}
+                                for e in entries], "refusal": None}
+        return {"tokens": [_text(e.data) for e in entries], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{**{_text(data): value for _, data, value in e.top}, _text(e.data): e.logprob}
+                                 for e in entries],
+                "text_offset": [self.prompt_chars + e.offset for e in entries]}
 
     def usage_chunk(self, event: Finished) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._envelope(kind, []), "usage": usage(event)}
+
+
+def _text(data: bytes) -> str:
+    # a byte-fallback token may hold part of a UTF-8 character: shown with U+FFFD, as OpenAI does;
+    # `bytes` keeps the raw bytes
+    return data.decode("utf-8", errors="replace")
+
+
+def _token(data: bytes, logprob: float) -> dict:
+    return {"token": _text(data), "logprob": logprob, "bytes": list(data)}

@@ -15,6 +15,11 @@ slot that holds (or is prefilling) it — a system prompt is prefilled once, not
 
 HTTP handlers never touch llama.cpp state: they `submit` a Job, and the thread sends
 back events through the Job's `emit` callback (thread-safe on the handler's side).
+
+Embeddings (`embed`) are the one exception: they run on the calling (HTTP worker) thread,
+one request at a time, on an embedding context of their own per served name (`Embedder`) —
+llama.cpp allows different contexts of one model on different threads, and the decode
+thread's contexts are never touched.
 """
 
 from __future__ import annotations
@@ -23,17 +28,28 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from loraforge.errors import LoraforgeError
-from loraforge.serve.gguf_model import Context, ContextSpec, GgufModel
+from loraforge.serve.gguf_model import Context, ContextSpec, Embedder, GgufModel
 from loraforge.serve.metrics import Metrics
-from loraforge.serve.sampling import SamplingParams, TextStream, sampler_chain
+from loraforge.serve.sampling import (
+    SamplingParams,
+    TextStream,
+    TokenLogprob,
+    sampler_chain,
+    top_logprobs,
+)
+
+EMBED_MAX_TOKENS = 2048  # the most tokens of one /v1/embeddings input (or the context per request); see Embedder
 
 
 @dataclass
 class Delta:
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens of this text, when asked for
 
 
 @dataclass
@@ -42,6 +58,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     text: str = ""  # the last piece of text, released at the end
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -60,7 +77,6 @@ class Job:
     prompt: list[int]
     params: SamplingParams
     emit: Callable[[Event], None]
-    request: object = None  # the chat messages or prompt text (the one-at-a-time HF engine takes these)
     cancelled: bool = False  # set by the HTTP side when the client goes away
     submitted: float = field(default_factory=time.monotonic)
 
@@ -124,6 +140,8 @@ class Scheduler:
         for name, adapter in [(base_name, None), *adapters.items()]:
             self.lanes[name] = Lane(name, Context(model, spec, adapter), spec.parallel)
         self.n_ctx_seq = next(iter(self.lanes.values())).context.n_ctx_seq
+        self.embedder = Embedder(model, {base_name: None, **adapters}, min(self.n_ctx_seq, EMBED_MAX_TOKENS),
+                                 spec.threads_batch)
         self.metrics = Metrics(spec.parallel)
         self._wake = threading.Condition()
         self._running = True
@@ -132,6 +150,10 @@ class Scheduler:
         self._thread.start()
 
     # -- the HTTP side -------------------------------------------------------------
+
+    def vocab(self, lane: str) -> GgufModel:
+        """What a served name's prompts are tokenized with: the one model (adapters share its vocabulary)."""
+        return self.model
 
     def check_prompt(self, prompt: list[int]) -> None:
         """Refuse, before queuing, a prompt the context cannot hold (with one answer token)."""
@@ -148,6 +170,10 @@ class Scheduler:
             self.lanes[job.lane].waiting.append(job)
             self._wake.notify()
 
+    def embed(self, lane: str, inputs: list[list[int]]) -> list[np.ndarray]:
+        """One L2-normalized vector per input (see `Embedder`). Blocking: call it from a worker thread."""
+        return self.embedder.embed(lane, inputs)
+
     def close(self) -> None:
         with self._wake:
             self._running = False
@@ -158,6 +184,7 @@ class Scheduler:
                 self._release(lane, slot, None)
             lane.context.close()
         self.lanes.clear()
+        self.embedder.close()  # after an embedding in flight
 
     # -- the decode thread ---------------------------------------------------------
 
@@ -293,18 +320,31 @@ class Scheduler:
         if ended:
             return self._finish(lane, slot, "stop")
         slot.generated += 1
-        text = slot.stream.push(model.piece(token))
+        # read before the next decode overwrites the logits
+        entry = self._logprob(lane, row, token, params.logprobs) if params.logprobs is not None else None
+        text = slot.stream.push(model.piece(token), entry)
         if slot.stream.stopped:
             return self._finish(lane, slot, "stop", text)
         if (params.max_tokens is not None and slot.generated >= params.max_tokens) or slot.n_past >= lane.context.n_ctx_seq:
             return self._finish(lane, slot, "length", text)
-        if text:
-            job.emit(Delta(text))
+        entries = self._sent_logprobs(slot)
+        if text or entries:
+            job.emit(Delta(text, entries))
         slot.next_token = token
+
+    def _logprob(self, lane: Lane, row: int, token: int, n_top: int) -> TokenLogprob:
+        logprob, top = top_logprobs(lane.context.logits(row), token, n_top)
+        piece = self.model.piece
+        return TokenLogprob(token, piece(token, special=True), logprob,
+                            tuple((i, piece(i, special=True), value) for i, value in top))
+
+    def _sent_logprobs(self, slot: Slot) -> list[TokenLogprob]:
+        """The entries of the tokens whose text has been released (see TextStream)."""
+        return [replace(entry, offset=offset) for offset, entry in slot.stream.take()]
 
     def _finish(self, lane: Lane, slot: Slot, reason: str, text: str = "") -> None:
         text += slot.stream.finish(cut=reason == "length")
-        slot.job.emit(Finished(reason, len(slot.job.prompt), slot.generated, text))
+        slot.job.emit(Finished(reason, len(slot.job.prompt), slot.generated, text, self._sent_logprobs(slot)))
         self._release(lane, slot, slot.job)
 
     def _release(self, lane: Lane, slot: Slot, finished: Job | None, forget: bool = False) -> None:

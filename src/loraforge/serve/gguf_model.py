@@ -9,10 +9,12 @@ The weights are loaded once; every context points at the same `llama_model`.
 from __future__ import annotations
 
 import ctypes
-import multiprocessing
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from loraforge.errors import LoraforgeError
 
@@ -39,9 +41,13 @@ def _llama():
 
 
 def default_threads() -> tuple[int, int]:
-    """llama-cpp-python's own defaults (decode, prompt batches), so comparisons are fair."""
-    cores = multiprocessing.cpu_count()
-    return max(cores // 2, 1), cores
+    """Every CPU this process may run on, for one token and for prompt batches alike
+    (llama-cpp-python takes half the cores for one token): the server's ThreadGovernor
+    (serve/threads.py) gives cores back while other processes keep them busy."""
+    from loraforge.serve.threads import usable_cpus
+
+    cores = usable_cpus()
+    return cores, cores
 
 
 class GgufModel:
@@ -79,7 +85,7 @@ class GgufModel:
             return ""
         return self.piece(token, special=True).decode("utf-8", errors="replace")
 
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         """Token ids as llama.cpp cuts them; control tokens written in the text are parsed
         (chat templates spell out their markup tokens)."""
         data = text.encode("utf-8")
@@ -111,6 +117,33 @@ class GgufModel:
         """The id of `text` if it is exactly one token (a template's end marker), else None."""
         ids = self.tokenize(text, add_special=False)
         return ids[0] if len(ids) == 1 else None
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text (None when the file has no such key)."""
+        buf = ctypes.create_string_buffer(256)
+        n = self.lib.llama_model_meta_val_str(self.model, key.encode(), buf, 256)
+        if n < 0:
+            return None
+        if n >= 256:
+            buf = ctypes.create_string_buffer(n + 1)
+            self.lib.llama_model_meta_val_str(self.model, key.encode(), buf, n + 1)
+        return buf.value.decode("utf-8", errors="replace")
+
+    def embedding_pooling(self) -> int:
+        """How /v1/embeddings pools token vectors: the model's own `<arch>.pooling_type` when
+        the GGUF declares mean, CLS or last-token pooling (embedding models do), else mean —
+        a chat model declares none, and llama.cpp's "none" gives a vector per token."""
+        lib = self.lib
+        declared = self.meta(f"{self.meta('general.architecture')}.pooling_type")
+        pooled = {lib.LLAMA_POOLING_TYPE_MEAN, lib.LLAMA_POOLING_TYPE_CLS, lib.LLAMA_POOLING_TYPE_LAST}
+        if declared is not None and declared.isdigit() and int(declared) in pooled:
+            return int(declared)
+        return lib.LLAMA_POOLING_TYPE_MEAN
+
+    @property
+    def n_embd(self) -> int:
+        """The length of one embedding vector."""
+        return self.lib.llama_model_n_embd_out(self.model)
 
     def load_adapter(self, name: str, path: Path):
         path = Path(path)
@@ -207,8 +240,122 @@ class Context:
     def decode(self) -> int:
         return self.lib.llama_decode(self.ctx, self.batch)
 
+    def logits(self, row: int) -> np.ndarray:
+        """The raw logits of a batch row that asked for them; valid until the next decode."""
+        return np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, row), shape=(self.model.n_vocab,))
+
     def close(self) -> None:
         if self.ctx:
             self.lib.llama_batch_free(self.batch)
             self.lib.llama_free(self.ctx)
             self.ctx = None
+
+
+class EmbeddingContext:
+    """A llama.cpp context that returns one pooled vector per input instead of logits, for
+    /v1/embeddings. Its own context on the shared model: the decode thread's contexts and
+    their KV caches are never touched, so embeddings do not stall or disturb generation."""
+
+    def __init__(self, model: GgufModel, n_ctx: int, threads: int, adapter=None):
+        lib = model.lib
+        self.lib, self.model = lib, model
+        params = lib.llama_context_default_params()
+        # one input per decode, all of it in one ubatch: llama.cpp pools within a ubatch
+        # (llama-server refuses an input longer than its physical batch for the same reason)
+        params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = threads
+        params.embeddings = True
+        params.pooling_type = model.embedding_pooling()
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as `Llama(embedding=True)`, see Context
+        params.no_perf = True
+        self.ctx = lib.llama_init_from_model(model.model, params)
+        if not self.ctx:
+            raise LoraforgeError(f"llama.cpp could not create an embedding context of {n_ctx} tokens")
+        if adapter is not None:
+            adapters = (lib.llama_adapter_lora_p_ctypes * 1)(adapter)
+            scales = (ctypes.c_float * 1)(1.0)
+            if lib.llama_set_adapters_lora(self.ctx, adapters, 1, scales) != 0:
+                raise LoraforgeError("llama.cpp could not apply the LoRA adapter to the embedding context")
+        self.n_ctx = n_ctx
+        self.n_embd = model.n_embd
+        self.memory = lib.llama_get_memory(self.ctx)
+        self.batch = lib.llama_batch_init(n_ctx, 0, 1)
+
+    def embed(self, ids: list[int]) -> np.ndarray:
+        """The pooled, unnormalized vector of one input (at most n_ctx token ids)."""
+        lib, batch = self.lib, self.batch
+        lib.llama_memory_clear(self.memory, True)
+        for i, token in enumerate(ids):
+            batch.token[i] = token
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = True  # every token an output, as llama.cpp wants for pooled embeddings
+        batch.n_tokens = len(ids)
+        status = lib.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status} for an embedding input of {len(ids)} tokens")
+        return np.ctypeslib.as_array(lib.llama_get_embeddings_seq(self.ctx, 0), shape=(self.n_embd,)).copy()
+
+    def close(self) -> None:
+        if self.ctx:
+            self.lib.llama_batch_free(self.batch)
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+
+
+class Embedder:
+    """/v1/embeddings on a GGUF: an EmbeddingContext per served name, made on first use (a
+    server nobody asks for embeddings allocates nothing), one request at a time.
+
+    `max_tokens` bounds an input: it is pooled in one ubatch, and without flash attention its
+    attention scores take n_tokens² × n_head floats per layer (512 MB at 2048 tokens, 32 heads)."""
+
+    def __init__(self, model: GgufModel, adapters: dict[str, object], max_tokens: int, threads: int):
+        self.model = model
+        self.adapters = adapters  # served name → its LoRA adapter (None for the base)
+        self.max_tokens = max_tokens
+        self.threads = threads
+        self._contexts: dict[str, EmbeddingContext] = {}
+        self._lock = threading.Lock()
+
+    def check(self, inputs: list[list[int]]) -> None:
+        """Refuse, before any work, an input that is empty, too long or not in the vocabulary."""
+        n_vocab = self.model.n_vocab
+        for i, ids in enumerate(inputs):
+            if not ids:
+                raise LoraforgeError(f"input {i} is empty: send some text (or token ids) to embed")
+            if len(ids) > self.max_tokens:
+                raise LoraforgeError(f"input {i} is {len(ids)} tokens but an embedding input may hold "
+                                     f"{self.max_tokens} tokens on this server: shorten it or split it into "
+                                     "several inputs")
+            bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+            if bad is not None:
+                raise LoraforgeError(f"input {i}: token id {bad} is not in the vocabulary (0..{n_vocab - 1})")
+
+    def embed(self, name: str, inputs: list[list[int]]) -> list[np.ndarray]:
+        """One L2-normalized vector per input, as llama-server's /v1/embeddings returns them."""
+        self.check(inputs)
+        with self._lock:
+            if name not in self.adapters:  # closed, or a name this server does not have
+                raise LoraforgeError(f"unknown model '{name}': this server has {', '.join(self.adapters)}")
+            context = self._contexts.get(name)
+            if context is None:
+                context = self._contexts[name] = EmbeddingContext(self.model, self.max_tokens, self.threads,
+                                                                  self.adapters[name])
+            vectors = [context.embed(ids) for ids in inputs]
+        return [l2_normalized(v) for v in vectors]
+
+    def close(self) -> None:
+        with self._lock:
+            for context in self._contexts.values():
+                context.close()
+            self._contexts.clear()
+            self.adapters = {}
+
+
+def l2_normalized(vector: np.ndarray) -> np.ndarray:
+    """llama.cpp's `common_embd_normalize(…, 2)`: the Euclidean norm summed in double; a zero vector stays zero."""
+    norm = float(np.sqrt(np.sum(vector.astype(np.float64) ** 2)))
+    return (vector * np.float32(1.0 / norm)).astype(np.float32) if norm > 0 else vector

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from loraforge.data import tools as tool_text
 from loraforge.data.templates import template_in
 from loraforge.errors import LoraforgeError
-from loraforge.infer.engine import render_chat, template_stop_strings
+from loraforge.infer.engine import (
+    Prompt,
+    prompt_text,
+    prompt_token_ids,
+    render_chat,
+    template_stop_strings,
+)
 from loraforge.serve.reply_split import ReplyPlan
 
 
@@ -56,7 +62,7 @@ class ChatRenderer:
                                  "/v1/completions with your own prompt")
         template = template_in(self.chat_template)
         offered = tools if tools and tool_choice != "none" else None
-        text = render_chat(self.chat_template, messages, self.model.bos_text, self.model.eos_text, offered)
+        prompt = render_chat(self.chat_template, messages, self.model.bos_text, self.model.eos_text, offered)
         thought = template.thought_words if template is not None and template.thinking else None
         fmt = None
         if offered:
@@ -68,15 +74,22 @@ class ChatRenderer:
             names = [tool["function"]["name"] for tool in offered]
             opening = tool_text.call_opening(fmt, forced or (names[0] if len(names) == 1 else None))
             opening = (template.tool_call_prefix if template is not None else "") + opening
+            # the model writes the space before the arguments itself: SentencePiece spells it with
+            # the word after it (`▁{`), which a prompt ending in a lone `▁` would never show it
+            opening = opening.rstrip(" ")
             empty = thought[0] + thought[1] if thought else ""
-            if empty and not text.endswith(empty):  # a forced call skips the thought, as enable_thinking=false
+            if empty and not prompt_text(prompt).endswith(empty):  # a forced call skips the thought, as enable_thinking=false
                 skipped_thought = empty
         plan = ReplyPlan(fmt, opening, thought, template.tool_call_prefix if template is not None else "")
-        ids = prompt_ids(self.model, text + skipped_thought + opening)
-        return ChatPrompt(ids, self.stop, self.stop_tokens, plan)
+        # a slot template's prompt gets the skipped thought and the opening as slots of their own:
+        # training encoded a prompt's empty thought alone, and a call's slot starts with its opening
+        if isinstance(prompt, str):
+            prompt += skipped_thought + opening
+        else:
+            prompt = prompt + [piece for piece in (skipped_thought, opening) if piece]
+        return ChatPrompt(prompt_ids(self.model, prompt), self.stop, self.stop_tokens, plan)
 
 
-def prompt_ids(model, text: str) -> list[int]:
-    """Ids as the model is fed: BOS added when the vocabulary adds one and the text lacks it."""
-    has_bos = bool(model.bos_text) and text.startswith(model.bos_text)
-    return model.tokenize(text, add_special=not has_bos)
+def prompt_ids(model, prompt: Prompt) -> list[int]:
+    """Ids as the model is fed (`infer.engine.prompt_token_ids`' rule)."""
+    return prompt_token_ids(prompt, model.tokenize, model.bos_text)

@@ -4,13 +4,22 @@ Each request gets its own llama.cpp sampler chain, so requests decoded in the sa
 keep their own temperature, penalties and random generator (a seed makes a request
 reproducible whatever else is being decoded with it). The chain's order is llama.cpp's
 common one: penalties → top-k → typical → top-p → min-p → temperature → draw.
+
+Log-probabilities (`logprobs`) are the model's own distribution — the log-softmax of the
+raw logits, before penalties, temperature, top-k/top-p and any grammar — as OpenAI and
+llama-server (`post_sampling_probs: false`) report them; the chosen token is the one the
+request's chain actually drew.
 """
 
 from __future__ import annotations
 
+import codecs
+from collections import deque
 from dataclasses import dataclass, field
 
-from loraforge.infer.engine import ByteText, StopFilter
+import numpy as np
+
+from loraforge.infer.engine import StopFilter
 
 PENALTY_LAST_N = 64  # tokens the repetition penalties look back over (llama.cpp's default)
 
@@ -31,6 +40,31 @@ class SamplingParams:
     stop_tokens: frozenset[int] = field(default_factory=frozenset)  # e.g. a template's end token
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
     grammar: str | None = None  # GBNF the answer must follow (response_format), root rule "root"
+    logprobs: int | None = None  # None: none reported; N: each token's log-probability and the N likeliest
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One answer token as `logprobs` reports it."""
+
+    token: int
+    data: bytes  # the token's bytes (a byte-fallback token may be part of a UTF-8 character)
+    logprob: float
+    top: tuple[tuple[int, bytes, float], ...]  # (id, bytes, logprob) of the likeliest, most likely first
+    offset: int = 0  # characters of the answer before this token (the legacy `text_offset`)
+
+
+def top_logprobs(logits: np.ndarray, token: int, n_top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-softmax of raw logits at `token`, and the `n_top` likeliest (id, logprob), ties by id."""
+    x = logits.astype(np.float64)
+    top = x.max()
+    log_total = top + np.log(np.exp(x - top).sum())
+    if n_top <= 0:
+        return float(x[token] - log_total), []
+    n_top = min(n_top, len(x))
+    best = np.argpartition(-x, n_top - 1)[:n_top]
+    best = sorted(best.tolist(), key=lambda i: (-x[i], i))
+    return float(x[token] - log_total), [(i, float(x[i] - log_total)) for i in best]
 
 
 def sampler_chain(lib, params: SamplingParams, n_vocab: int, vocab=None):
@@ -74,19 +108,58 @@ class TextStream:
     """Token bytes in, text out: whole UTF-8 characters only (a Chinese character is often
     split over two or three byte-level tokens), and never a prefix of a stop string that
     may still complete — the client must not see the start of a stop sequence. The same
-    two rules as the chat engines' (`ByteText`, `StopFilter`)."""
+    two rules as the chat engines' (`ByteText`, `StopFilter`).
+
+    Tokens pushed with an `entry` (their logprobs) come back from `take` once all their text
+    has been sent, with the character offset where it starts: a streamed chunk carries the
+    entries of its own text, and tokens of a cut-off stop string, or of a character cut by
+    `max_tokens`, never come back."""
 
     def __init__(self, stop: tuple[str, ...]):
-        self._bytes = ByteText()
+        # ByteText's decoder, fed a byte at a time to know where each token's text starts
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stops = StopFilter(stop)
         self.stopped = False
+        self._decoded = 0  # characters out of the UTF-8 decoder
+        self._sent = 0  # characters released to the client
+        self._undecoded: list[tuple[int, object]] = []  # (offset, entry) whose bytes made no character yet
+        self._unsent: deque[tuple[int, int, object]] = deque()  # (offset, end, entry) not yet all sent
 
-    def push(self, data: bytes) -> str:
+    def push(self, data: bytes, entry=None) -> str:
         """Add a token's bytes; return the text that is now safe to send."""
         if self.stopped:
             return ""
-        text, self.stopped = self._stops.push(self._bytes(data))
+        if entry is None or not data:
+            decoded = self._decoder.decode(data)
+            if entry is not None:
+                self._undecoded.append((self._decoded, entry))
+            return self._release(decoded)
+        first = self._decoder.decode(data[:1])
+        # the characters the first byte lets out are earlier bytes' (a stray byte's U+FFFD), but
+        # for the last one when this byte completed it; a byte still held starts a character
+        offset = self._decoded + len(first) - (not self._holding())
+        self._undecoded.append((offset, entry))
+        return self._release(first + self._decoder.decode(data[1:]))
+
+    def _holding(self) -> bool:
+        return bool(self._decoder.getstate()[0])
+
+    def _release(self, decoded: str) -> str:
+        self._decoded += len(decoded)
+        if not self._holding():  # every pushed token's bytes are in characters now: their text ends here
+            self._unsent.extend((offset, self._decoded, entry) for offset, entry in self._undecoded)
+            self._undecoded.clear()
+        text, self.stopped = self._stops.push(decoded)
+        self._sent += len(text)
         return text
+
+    def take(self) -> list[tuple[int, object]]:
+        """(offset, entry) of the pushed tokens whose text has now all been sent, in order."""
+        ready = []
+        while self._unsent and self._unsent[0][1] <= self._sent:
+            offset, _, entry = self._unsent.popleft()
+            ready.append((offset, entry))
+        return ready
 
     def finish(self, cut: bool = False) -> str:
         """The end of generation: flush what was held back (a stop prefix is just text now).
@@ -95,5 +168,9 @@ class TextStream:
         a broken glyph)."""
         if self.stopped:
             return ""
-        text, self.stopped = ("", False) if cut else self._stops.push(self._bytes.flush())
-        return text + ("" if self.stopped else self._stops.flush())
+        text = "" if cut else self._release(self._decoder.decode(b"", final=True))
+        if self.stopped:
+            return text
+        rest = self._stops.flush()
+        self._sent += len(rest)
+        return text + rest

@@ -4,9 +4,10 @@ Unknown keys are accepted and ignored: OpenAI clients send fields this server ha
 for (`user`, `logit_bias`, `parallel_tool_calls`, …), and refusing them would break those
 clients. Known keys are checked strictly — `"max_tokens": "16"` or `"temperature": "hot"`
 is a 400 naming the field, never a silent coercion. Known features this server does not
-implement (`n` > 1, `logprobs`, `best_of`, `echo`, `suffix`) are refused with a
-400 rather than quietly answered differently than asked; `response_format` is held by a
-grammar (llama.cpp engine) or refused (the HF engine), never ignored.
+implement (`n` > 1, `best_of`, `echo`, `suffix`) are refused with a 400 rather than
+quietly answered differently than asked; `response_format` is held by a grammar and
+`logprobs` computed from the logits (llama.cpp engine), or refused (the HF engine), never
+ignored.
 
 Tools: `tools` (functions), `tool_choice` ("auto", "none", "required" or a named
 function) and the messages of a tool conversation (assistant `tool_calls`, role `tool`).
@@ -153,7 +154,6 @@ class _Generation(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1)] = 1
-    logprobs: bool | int | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
     response_format: ResponseFormat | None = None
 
@@ -169,9 +169,11 @@ class _Generation(_Body):
     def _supported(self):
         if self.n != 1:
             raise ValueError("n: only n=1 is supported (send several requests; they are batched together)")
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs: not supported by this server")
         return self
+
+    def logprob_count(self) -> int | None:
+        """None: no logprobs asked for; N: each token's and the N likeliest at its place."""
+        raise NotImplementedError
 
     def sampling(self, max_tokens: int | None, stop: tuple[str, ...] = (),
                  stop_tokens: frozenset[int] = frozenset()) -> SamplingParams:
@@ -180,7 +182,8 @@ class _Generation(_Body):
             min_p=self.min_p, typical_p=self.typical_p, repeat_penalty=self.repeat_penalty,
             frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty, seed=self.seed,
             stop=tuple(dict.fromkeys([*(self.stop or ()), *stop])), stop_tokens=stop_tokens, ignore_eos=self.ignore_eos,
-            grammar=self.response_format.grammar() if self.response_format else None)
+            grammar=self.response_format.grammar() if self.response_format else None,
+            logprobs=self.logprob_count())
 
     @property
     def include_usage(self) -> bool:
@@ -192,6 +195,17 @@ class ChatCompletionRequest(_Generation):
     max_completion_tokens: Annotated[int, Field(gt=0)] | None = None  # the newer name of max_tokens
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None  # OpenAI's limit
+
+    @model_validator(mode="after")
+    def _top_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: only with logprobs: true")
+        return self
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @model_validator(mode="after")
     def _tool_choice(self):
@@ -222,6 +236,10 @@ class CompletionRequest(_Generation):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None  # the legacy API's: N likeliest, at most 5
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     @model_validator(mode="after")
     def _single(self):
@@ -231,6 +249,38 @@ class CompletionRequest(_Generation):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit
+
+
+class EmbeddingRequest(_Body):
+    model: str
+    # text, texts, or token ids (one list, or a list of lists) as OpenAI takes them
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(gt=0)] | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _some_input(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list: send a string, a list of strings or a list of token ids")
+        if isinstance(value, list) and len(value) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"{len(value)} inputs; at most {MAX_EMBEDDING_INPUTS} in one request")
+        texts = [value] if isinstance(value, str) else value
+        empty = next((i for i, item in enumerate(texts) if item in ("", [])), None)
+        if empty is not None:
+            raise ValueError(f"the input at index {empty} is empty: send some text (or token ids) to embed")
+        return value
+
+    def inputs(self) -> list[str | list[int]]:
+        """Each input on its own: a text or a list of token ids."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if isinstance(self.input[0], int):
+            return [self.input]
+        return list(self.input)
 
 
 def json_object_grammar() -> str:
@@ -271,5 +321,6 @@ def describe(exc: ValidationError) -> str:
 
 def _is_union_tag(part) -> bool:
     # pydantic puts the union member it tried into the path ("stop.str"); people want "stop"
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list[str]", "list[TextPart]")
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list[str]", "list[TextPart]",
+                                               "list[int]", "list[list[int]]")
                                       or part.startswith(("function-", "constrained-")))

@@ -39,8 +39,9 @@ class EngineVocab:
     def eos_text(self) -> str:
         return self.engine.eos_token
 
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        return self.engine.tokenize(text)  # the engine adds BOS unless the text has it
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        # the engine adds BOS unless the text has it; a one-segment list is a slot, encoded with nothing added
+        return self.engine.tokenize(text if add_special else [text])
 
 
 class SerialScheduler:
@@ -56,6 +57,10 @@ class SerialScheduler:
         self._running = True
         self._thread = threading.Thread(target=self._run, name="loraforge-hf", daemon=True)
         self._thread.start()
+
+    def vocab(self, lane: str) -> EngineVocab:
+        """What a served name's prompts are tokenized with: its own engine (an adapter may extend the vocabulary)."""
+        return EngineVocab(self.engines[lane], self.model.path)
 
     def check_prompt(self, prompt: list[int]) -> None:
         if len(prompt) >= self.n_ctx_seq:
@@ -73,6 +78,10 @@ class SerialScheduler:
                                  "grammar sampler, which the HF engine does not have: export the model "
                                  "(loraforge export gguf) and serve the .gguf, or ask for JSON in the prompt "
                                  "with response_format text")
+        if job.params.logprobs is not None:
+            raise LoraforgeError("logprobs: the HF engine (a model directory, served through transformers) does "
+                                 "not report them: export the model (loraforge export gguf) and serve the .gguf, "
+                                 "whose llama.cpp engine answers logprobs and top_logprobs")
         with self._wake:
             self._waiting.append(job)
             self.metrics.occupancy(len(self._waiting), self.metrics.busy_slots)
@@ -123,7 +132,7 @@ class SerialScheduler:
                                   top_p=params.top_p, min_p=params.min_p, typical_p=params.typical_p,
                                   repetition_penalty=params.repeat_penalty, presence_penalty=params.presence_penalty,
                                   frequency_penalty=params.frequency_penalty, stop=params.stop, seed=params.seed)
-        chunks = engine.stream(job.request, config)
+        chunks = engine.stream(job.prompt, config)  # the ids the HTTP side rendered (tools, forced call included)
         generated = 0
         try:
             for chunk in chunks:

@@ -31,7 +31,9 @@ class ServeOptions:
     api_key: str | None = None
     parallel: int = 4  # slots (sequences decoded together) per served name
     ctx_size: int | None = None  # tokens per slot, prompt + answer (default: the model's trained context)
-    threads: int | None = None  # decode threads; also for batches unless threads_batch is given
+    # most llama.cpp threads for one token (default: every usable CPU); also for batches unless
+    # threads_batch is given. Fewer while other processes keep cores busy (serve/threads.py).
+    threads: int | None = None
     threads_batch: int | None = None
     prefill_chunk: int = 128  # prompt tokens per step while other requests are decoding
     chat_template: str | None = None  # NAME|FILE: replaces the model's template; for adapters that carry none
@@ -57,6 +59,7 @@ def open_scheduler(options: ServeOptions):
     from loraforge.models import resolve_model
     from loraforge.serve.batching import Scheduler
     from loraforge.serve.gguf_model import ContextSpec, GgufModel, default_threads
+    from loraforge.serve.threads import ThreadGovernor
 
     if options.parallel < 1:
         raise LoraforgeError(f"--parallel {options.parallel}: need at least one slot")
@@ -77,7 +80,13 @@ def open_scheduler(options: ServeOptions):
     spec = ContextSpec(parallel=options.parallel, ctx_per_slot=ctx, n_batch=max(512, options.parallel),
                        threads=options.threads or threads,
                        threads_batch=options.threads_batch or options.threads or threads_batch)
-    return Scheduler(model, adapters, base_name, spec, prefill_chunk=options.prefill_chunk)
+    scheduler = Scheduler(model, adapters, base_name, spec, prefill_chunk=options.prefill_chunk)
+    # between steps, on the decode thread: fewer llama.cpp threads while other processes keep
+    # cores busy (a thread that shares its core stalls every barrier of every step: 20x slower)
+    scheduler.threads = ThreadGovernor(model.lib, [lane.context.ctx for lane in scheduler.lanes.values()],
+                                       spec.threads, spec.threads_batch)
+    scheduler.after_step.append(scheduler.threads.step)
+    return scheduler
 
 
 def http_server(options: ServeOptions, scheduler, ready: Callable[[str, list[str]], None] | None = None):
@@ -127,9 +136,10 @@ def lane_renderers(options: ServeOptions, scheduler, renderer_class) -> dict:
     """A ChatRenderer per served name; names with the base's template share its renderer."""
     templates = lane_templates(options, scheduler)
     base_name = next(iter(scheduler.lanes))
-    base = renderer_class(scheduler.model, templates[base_name])
-    return {name: base if templates[name] == templates[base_name] else renderer_class(scheduler.model, templates[name])
-            for name in scheduler.lanes}
+    base = renderer_class(scheduler.vocab(base_name), templates[base_name])
+    return {name: base if name == base_name or (templates[name] == templates[base_name]
+                                                and scheduler.vocab(name) is base.model)
+            else renderer_class(scheduler.vocab(name), templates[name]) for name in scheduler.lanes}
 
 
 def serve(options: ServeOptions, ready: Callable[[str, list[str]], None] | None = None) -> None:

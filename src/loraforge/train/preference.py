@@ -36,7 +36,6 @@ from pathlib import Path
 import torch
 
 from loraforge.config import Config
-from loraforge.data.dataset import build_examples, split_eval
 from loraforge.data.preference import FeedbackExamples, PairExamples
 from loraforge.errors import LoraforgeError
 from loraforge.train.callbacks import JsonlLogger, read_log
@@ -54,6 +53,9 @@ def _trl():
 
 
 def check_preference_config(config: Config) -> None:
+    from loraforge.data.packing import packing_enabled
+
+    packing_enabled(config)  # refuses data.packing / neat_packing: pairs and scored answers are batched as they are
     if config.method not in PREF_METHODS:
         raise LoraforgeError(f"stage {config.stage} trains with method lora, qlora or full, not {config.method} — "
                              "set method: lora (or full)")
@@ -214,29 +216,17 @@ def train_preference(config: Config):
     from loraforge.train.run import (
         LOG_NAME,
         RunResult,
-        check_deepspeed,
-        check_output_dir,
         check_vocab_fits,
         last_eval_step,
-        load_tokenizer,
         optimizer_steps,
         pad_id,
-        resolve_resume,
+        prepare_run,
         save_run,
     )
 
     check_preference_config(config)
-    output_dir = Path(config.train.output_dir)
-    check_output_dir(config, output_dir)
-    check_deepspeed(config)
-    resume = resolve_resume(config, output_dir)
-
-    tokenizer = load_tokenizer(config)
-    examples, stats = build_examples(config, tokenizer)
-    train_set, eval_set = split_eval(examples, config.data.val_size, config.train.seed)
+    output_dir, resume, tokenizer, train_set, eval_set = prepare_run(config)
     main_process = int(os.environ.get("RANK", "0")) == 0
-    if main_process:
-        print(stats.describe(examples, config), flush=True)
 
     set_seed(config.train.seed)
     model = load_reward_base(config) if config.stage == "rm" else load_base_model(config)
@@ -276,10 +266,63 @@ def train_preference(config: Config):
                      losses[-1] if losses else None, len(train_set), evals[-1] if evals else None)
 
 
+def reward_run(run_dir: Path) -> dict:
+    """A stage rm run's saved config; anything else is refused, naming what it is."""
+    import yaml
+
+    from loraforge.models import check_model_dir
+
+    check_model_dir(run_dir, "the reward model run")
+    saved = yaml.safe_load((run_dir / "loraforge.yaml").read_text(encoding="utf-8")) \
+        if (run_dir / "loraforge.yaml").is_file() else {}
+    if saved.get("stage") != "rm":
+        raise LoraforgeError(f"{run_dir} is not a reward model run (its loraforge.yaml says stage "
+                             f"{saved.get('stage', '—')}): train one with stage: rm")
+    return saved
+
+
+def score_file(run_dir: Path, names: list[str], data_dir: Path | None, output: Path) -> str:
+    """`loraforge score`: the reward of every answer in data files (or dataset_info.json names) —
+    both answers of each chosen/rejected pair, or the last answer of each conversation — written
+    as jsonl (one line per record, in order); returns the summary line (pairs ranked right)."""
+    import json
+
+    from loraforge.data.preference import answered
+    from loraforge.data.records import Preference
+    from loraforge.data.registry import load_datasets, resolve_datasets
+    from loraforge.outputs import write_text
+
+    run_dir = Path(run_dir)
+    reward_run(run_dir)
+    specs = resolve_datasets(data_dir, names)
+    records = []
+    for spec in specs:
+        [report] = load_datasets([spec], stage="sft" if spec.kind == "plain" else "rm", skip_invalid=False)
+        records += report.records
+    texts = []
+    for record in records:
+        texts += [answered(record.prompt, record.chosen), answered(record.prompt, record.rejected)] \
+            if isinstance(record, Preference) else [record]
+    rewards = iter(score(run_dir, texts))
+    lines, pairs, right = [], 0, 0
+    for record in records:
+        if isinstance(record, Preference):
+            chosen, rejected = next(rewards), next(rewards)
+            pairs, right = pairs + 1, right + (chosen > rejected)
+            lines.append({"source": record.source, "chosen": chosen, "rejected": rejected})
+        else:
+            lines.append({"source": record.source, "reward": next(rewards)})
+    write_text(output, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    summary = f"scored {len(texts)} answers → {output}"
+    if pairs:
+        summary += f"; chosen above rejected in {right} of {pairs} pairs ({100 * right / pairs:.1f}%)"
+    return summary
+
+
 def score(run_dir: Path, texts: list) -> list[float]:
     """Rewards from a stage rm run for `texts`: a str is scored as it is (BOS added), a Conversation
     ending with an answer is rendered by the run's template exactly as in training."""
-    import yaml
+    from tqdm import tqdm
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -290,11 +333,7 @@ def score(run_dir: Path, texts: list) -> list[float]:
     from loraforge.train.run import pad_id
 
     run_dir = Path(run_dir)
-    saved = yaml.safe_load((run_dir / "loraforge.yaml").read_text(encoding="utf-8")) \
-        if (run_dir / "loraforge.yaml").is_file() else {}
-    if saved.get("stage") != "rm":
-        raise LoraforgeError(f"{run_dir} is not a reward model run (its loraforge.yaml says stage "
-                             f"{saved.get('stage', '—')}): train one with stage: rm")
+    saved = reward_run(run_dir)
     tokenizer = load_folder_tokenizer(run_dir)
     if (run_dir / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -314,7 +353,7 @@ def score(run_dir: Path, texts: list) -> list[float]:
     model.eval()
     template = get_template(saved["data"]["template"])
     rewards = []
-    for text in texts:
+    for text in tqdm(texts, desc="score", unit="text", disable=len(texts) < 8):
         if isinstance(text, Conversation):
             prompt, answer = prompt_and_answer(tokenizer, template, dataclasses.replace(text, turns=text.turns[:-1]),
                                                text.turns[-1].text)

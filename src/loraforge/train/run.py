@@ -265,23 +265,30 @@ def training_arguments(config: Config, output_dir: Path, has_eval: bool):
     )
 
 
+def prepare_run(config: Config):
+    """What every stage does before it loads a model: refuse a used output dir or a bad DeepSpeed file,
+    find the checkpoint to resume, load the tokenizer, tokenize and split the data (and say so).
+    Returns (output_dir, resume, tokenizer, train_set, eval_set)."""
+    output_dir = Path(config.train.output_dir)
+    check_output_dir(config, output_dir)
+    check_deepspeed(config)
+    resume = resolve_resume(config, output_dir)
+    tokenizer = load_tokenizer(config)
+    examples, stats = build_examples(config, tokenizer)
+    train_set, eval_set = split_eval(examples, config.data.val_size, config.train.seed)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(stats.describe(examples, config), flush=True)
+    return output_dir, resume, tokenizer, train_set, eval_set
+
+
 def train(config: Config) -> RunResult:
     """Fine-tune `model.path` on the config's data; returns where the run was written."""
     if config.stage in ("dpo", "kto", "rm"):  # preference stages run on TRL's trainers
         from loraforge.train.preference import train_preference
 
         return train_preference(config)
-    output_dir = Path(config.train.output_dir)
-    check_output_dir(config, output_dir)
-    check_deepspeed(config)
-    resume = resolve_resume(config, output_dir)
-
-    tokenizer = load_tokenizer(config)
-    examples, stats = build_examples(config, tokenizer)
-    train_set, eval_set = split_eval(examples, config.data.val_size, config.train.seed)
+    output_dir, resume, tokenizer, train_set, eval_set = prepare_run(config)
     main_process = int(os.environ.get("RANK", "0")) == 0
-    if main_process:
-        print(stats.describe(examples, config), flush=True)
     train_examples = len(train_set)
     packing = packing_enabled(config)
     if packing:  # after the cache and the split: one cache for both, no eval example in a training row
