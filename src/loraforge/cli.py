@@ -457,7 +457,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctx-size", type=int, default=0,
                         help="tokens per slot, prompt + answer (default: the model's trained context)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="llama.cpp threads (default: half the cores for one token, all cores for batches)")
+                        help="the most llama.cpp threads (default: every usable CPU; fewer while other processes keep cores busy)")
 
 
 def cmd_eval_quant(args) -> None:

@@ -28,6 +28,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class ServerProcess:
     """`python -m loraforge serve …` in a subprocess, ready when /health answers."""
 
@@ -35,8 +43,8 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        # --threads 1: the test machine's cores are shared; llama.cpp's spinning worker
-        # threads slow a tiny model down by orders of magnitude when oversubscribed.
+        # --threads 1: the same thread count as the direct `Llama` the answers are compared
+        # with, and no thread changes from the governor while the suite shares the cores.
         self.proc = subprocess.Popen([sys.executable, "-m", "loraforge", "serve", *args, "--port", str(self.port),
                                       "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                                      text=True, cwd=ROOT)
