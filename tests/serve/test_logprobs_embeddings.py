@@ -15,7 +15,7 @@ import pytest
 from loraforge.data.records import Turn
 from loraforge.data.templates import get_template, render_prompt
 
-from .conftest import ServerProcess, http
+from .conftest import ServerProcess, http, is_utf8
 
 TEMPLATE = get_template("chinese-alpaca")  # what learned_run trained with, embedded in the GGUF
 PROMPT = "春天来了，公园里"  # its greedy continuation holds a stray byte-fallback token (see test_api)
@@ -226,7 +226,7 @@ def test_byte_tokens_of_a_character_report_their_raw_bytes(client, learned_quest
     for question, _ in learned_questions:
         reply = chat(client, question, temperature=0, max_tokens=64, logprobs=True)
         entries = reply.choices[0].logprobs.content
-        partial = [e for e in entries if not _is_utf8(bytes(e.bytes))]
+        partial = [e for e in entries if not is_utf8(bytes(e.bytes))]
         if partial:
             break
     else:
@@ -238,14 +238,6 @@ def test_byte_tokens_of_a_character_report_their_raw_bytes(client, learned_quest
     cut = chat(client, question, temperature=0, max_tokens=k, logprobs=True)
     assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == k
     assert [e.bytes for e in cut.choices[0].logprobs.content] == [e.bytes for e in entries[:k - 1]]
-
-
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 CHAT = {"model": "learned", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 2}

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from .conftest import ServerProcess, http
+from .conftest import ServerProcess, http, is_utf8
 
 YES_NO_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]},
                                                   "sure": {"type": "boolean"}},
@@ -36,7 +36,7 @@ def test_an_answer_cut_by_max_tokens_never_ends_in_half_a_character(client, dire
     # per character), which the model reproduces word for word
     for question, answer in learned_questions:
         ids = direct_llama.tokenize(answer.encode(), add_bos=False, special=False)
-        split = [k for k in range(1, len(ids)) if not _is_utf8(direct_llama.detokenize(ids[:k]))]
+        split = [k for k in range(1, len(ids)) if not is_utf8(direct_llama.detokenize(ids[:k]))]
         messages = [{"role": "user", "content": question}]
         full = chat(client, messages, temperature=0, max_tokens=64).choices[0].message.content
         if split and full == answer:
@@ -65,14 +65,6 @@ def test_an_answer_cut_by_max_tokens_never_ends_in_half_a_character(client, dire
     # a cut after the first bytes of a character shows nothing of it (the sampled ids need
     # not be the re-tokenized answer's, so not every `split` place is one)
     assert any(cuts[k - 1] == cuts[k - 2] for k in split if k > 1), (split, cuts)
-
-
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def test_json_schema_answers_follow_the_schema(client, learned_questions):

@@ -171,6 +171,22 @@ class ContextSpec:
     threads_batch: int
 
 
+def _apply_adapter(lib, ctx, adapter) -> None:
+    """Apply one loaded LoRA adapter (scale 1) to a whole context."""
+    adapters = (lib.llama_adapter_lora_p_ctypes * 1)(adapter)
+    scales = (ctypes.c_float * 1)(1.0)
+    if lib.llama_set_adapters_lora(ctx, adapters, 1, scales) != 0:
+        raise LoraforgeError("llama.cpp could not apply the LoRA adapter to its context")
+
+
+def _free(context) -> None:
+    """Free a context's batch and llama.cpp context once (Context, EmbeddingContext)."""
+    if context.ctx:
+        context.lib.llama_batch_free(context.batch)
+        context.lib.llama_free(context.ctx)
+        context.ctx = None
+
+
 class Context:
     """A llama.cpp context on the shared model: its KV cache holds `parallel` sequences."""
 
@@ -200,10 +216,7 @@ class Context:
             raise LoraforgeError(f"llama.cpp could not create a context of {params.n_ctx} tokens for "
                                  f"{spec.parallel} slots: lower --parallel or --ctx-size")
         if adapter is not None:
-            adapters = (lib.llama_adapter_lora_p_ctypes * 1)(adapter)
-            scales = (ctypes.c_float * 1)(1.0)
-            if lib.llama_set_adapters_lora(self.ctx, adapters, 1, scales) != 0:
-                raise LoraforgeError("llama.cpp could not apply the LoRA adapter to its context")
+            _apply_adapter(lib, self.ctx, adapter)
         self.memory = lib.llama_get_memory(self.ctx)
         self.n_ctx_seq = spec.ctx_per_slot  # tokens one sequence may hold
         self.n_batch = spec.n_batch
@@ -245,10 +258,7 @@ class Context:
         return np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, row), shape=(self.model.n_vocab,))
 
     def close(self) -> None:
-        if self.ctx:
-            self.lib.llama_batch_free(self.batch)
-            self.lib.llama_free(self.ctx)
-            self.ctx = None
+        _free(self)
 
 
 class EmbeddingContext:
@@ -273,10 +283,7 @@ class EmbeddingContext:
         if not self.ctx:
             raise LoraforgeError(f"llama.cpp could not create an embedding context of {n_ctx} tokens")
         if adapter is not None:
-            adapters = (lib.llama_adapter_lora_p_ctypes * 1)(adapter)
-            scales = (ctypes.c_float * 1)(1.0)
-            if lib.llama_set_adapters_lora(self.ctx, adapters, 1, scales) != 0:
-                raise LoraforgeError("llama.cpp could not apply the LoRA adapter to the embedding context")
+            _apply_adapter(lib, self.ctx, adapter)
         self.n_ctx = n_ctx
         self.n_embd = model.n_embd
         self.memory = lib.llama_get_memory(self.ctx)
@@ -299,10 +306,7 @@ class EmbeddingContext:
         return np.ctypeslib.as_array(lib.llama_get_embeddings_seq(self.ctx, 0), shape=(self.n_embd,)).copy()
 
     def close(self) -> None:
-        if self.ctx:
-            self.lib.llama_batch_free(self.batch)
-            self.lib.llama_free(self.ctx)
-            self.ctx = None
+        _free(self)
 
 
 class Embedder:

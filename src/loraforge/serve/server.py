@@ -133,13 +133,9 @@ def lane_templates(options: ServeOptions, scheduler) -> dict[str, str | None]:
 
 
 def lane_renderers(options: ServeOptions, scheduler, renderer_class) -> dict:
-    """A ChatRenderer per served name; names with the base's template share its renderer."""
+    """A ChatRenderer per served name: its template on its own vocabulary (an HF adapter's tokenizer)."""
     templates = lane_templates(options, scheduler)
-    base_name = next(iter(scheduler.lanes))
-    base = renderer_class(scheduler.vocab(base_name), templates[base_name])
-    return {name: base if name == base_name or (templates[name] == templates[base_name]
-                                                and scheduler.vocab(name) is base.model)
-            else renderer_class(scheduler.vocab(name), templates[name]) for name in scheduler.lanes}
+    return {name: renderer_class(scheduler.vocab(name), templates[name]) for name in scheduler.lanes}
 
 
 def serve(options: ServeOptions, ready: Callable[[str, list[str]], None] | None = None) -> None:
