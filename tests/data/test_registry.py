@@ -11,6 +11,8 @@ from loraforge.data.records import Conversation, Text, Turn
 from loraforge.data.registry import DatasetSpec, load_datasets, read_dataset_info, resolve_datasets
 from loraforge.errors import LoraforgeError
 
+from conftest import DATA_DIR
+
 # Entries copied in shape from LLaMA-Factory's data/dataset_info.json.
 DATASET_INFO = {
     "alpaca_zh_demo": {"file_name": "alpaca_zh_demo.json"},
@@ -74,7 +76,10 @@ def test_read_dataset_info_lists_the_local_datasets(data_dir):
     # preference entries (kto_tag, ranking) are, for stages kto / dpo / rm
     assert list(specs) == ["alpaca_zh_demo", "glaive_like", "openai_style", "c4_demo", "parts", "wiki_demo",
                            "glaive_toolcall_zh_demo", "kto_en_demo", "dpo_zh_demo"]
-    assert specs["alpaca_zh_demo"] == DatasetSpec("alpaca_zh_demo", data_dir / "alpaca_zh_demo.json", "alpaca")
+    # LLaMA-Factory's DatasetAttr defaults for an entry without columns: instruction/input/output only
+    assert specs["alpaca_zh_demo"] == DatasetSpec("alpaca_zh_demo", data_dir / "alpaca_zh_demo.json", "alpaca", columns={
+        "prompt": "instruction", "query": "input", "response": "output", "history": None, "system": None,
+        "tools": None})
     # LLaMA-Factory: roles an entry's "columns" leave out are absent, so c4_demo has no response
     assert specs["c4_demo"].columns == {"prompt": "text", "query": None, "response": None, "history": None,
                                         "system": None, "tools": None}
@@ -206,3 +211,28 @@ def test_skip_invalid_reaches_every_dataset(data_dir):
     [report] = load_datasets(resolve_datasets(data_dir, ["alpaca_zh_demo"]), stage="sft", skip_invalid=True)
     assert [(r.turns, r.system) for r in report.records] == [conversation("q", "a")]
     assert [p.reason for p in report.problems] == ["empty response"]
+
+
+def test_an_entry_without_columns_reads_what_llama_factory_reads(tmp_path):
+    """LLaMA-Factory reads `history` and `system` only when the entry maps them: the bundled
+    alpaca_zh_demo (an entry with file_name alone) trains its 20 history/system records as
+    single turns there, and so here, with a note; named by path, the fields are read."""
+    records = json.loads((DATA_DIR / "alpaca_zh_demo.json").read_text(encoding="utf-8"))
+    with_fields = sum(bool(r.get("history") or r.get("system")) for r in records)
+    assert with_fields == 20
+    (tmp_path / "demo.json").write_bytes((DATA_DIR / "alpaca_zh_demo.json").read_bytes())
+    for name, columns in (("plain", None), ("mapped", {"prompt": "instruction", "query": "input", "response": "output",
+                                                       "history": "history", "system": "system"})):
+        entry = {"file_name": "demo.json", **({"columns": columns} if columns else {})}
+        (tmp_path / "dataset_info.json").write_text(json.dumps({name: entry}), encoding="utf-8")
+        [report] = load_datasets(resolve_datasets(tmp_path, [name]), stage="sft", skip_invalid=False)
+        multi = sum(len(r.turns) > 2 or bool(r.system) for r in report.records)
+        if columns is None:
+            assert multi == 0
+            note = [n for n in report.notes if "do not map" in n]
+            assert note and "'history' (" in note[0] and "'system' (" in note[0], report.notes
+            assert '"history": "history"' in note[0]
+        else:
+            assert multi == with_fields and not any("do not map" in n for n in report.notes)
+    [by_path] = load_datasets(resolve_datasets(None, [str(tmp_path / "demo.json")]), stage="sft", skip_invalid=False)
+    assert sum(len(r.turns) > 2 or bool(r.system) for r in by_path.records) == with_fields

@@ -207,3 +207,38 @@ def test_a_broken_utf16_file_names_the_byte(tmp_path):
     path.write_bytes(codecs.BOM_UTF16_LE + "a: 1\nb: 长\n".encode("utf-16-le") + b"\x00")  # an odd last byte
     with pytest.raises(LoraforgeError, match=r"config\.yaml:3: not UTF-16 text \(byte 0x00 at offset 22\) — save"):
         read_text(path)
+
+
+# ---------------------------------------------------------------- C-Eval / CMMLU CSVs
+
+CEVAL = "id,question,A,B,C,D,answer\n0,长城位于哪个国家？,中国,日本,法国,美国,A\n1,一年有几个月？,十,十一,十二,十三,C\n"
+BAD_CSVS = [
+    ("gbk", encode(CEVAL, "gbk"), "art_val.csv:2: not UTF-8 text (byte 0xb3 at offset 29)"),
+    ("utf-16 without BOM", encode(CEVAL, "utf-16-le"), "art_val.csv:1: not UTF-8 text (a NUL byte at offset 1"),
+    ("no answer column", CEVAL.replace(",answer", ",key").encode(), "art_val.csv:1: no column 'answer' in the header"),
+    ("answer not a letter", CEVAL.replace(",A\n", ",E\n").encode(), "art_val.csv:2: answer 'E' — it must be one of"),
+    ("a field short", CEVAL.replace("十,十一,", "十,").encode(), "art_val.csv:3: 6 fields for 7 columns — no 'answer'"),
+    ("NUL in UTF-8", CEVAL.replace("一年", "一\x00年").encode(), "art_val.csv:3: not UTF-8 text (a NUL byte"),
+]
+
+
+@pytest.mark.parametrize("case, data, expected", BAD_CSVS, ids=[c[0] for c in BAD_CSVS])
+def test_a_bad_ceval_csv_is_named_before_any_model_loads(tmp_path, capsys, case, data, expected):
+    (tmp_path / "ceval" / "val").mkdir(parents=True)
+    (tmp_path / "ceval" / "val" / "art_val.csv").write_bytes(data)
+    before = files(tmp_path)
+    code, err = run_cli(["eval", "choice", str(tmp_path / "no-model"), "--data", str(tmp_path / "ceval"),
+                         "-o", str(tmp_path / "out")], capsys)
+    assert_refused(code, err, expected)
+    assert files(tmp_path) == before
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-bom", "utf-16-bom"])
+def test_a_ceval_csv_with_a_bom_is_read(tmp_path, encoding):
+    from loraforge.eval.choice import read_questions
+
+    path = tmp_path / "art_val.csv"
+    path.write_bytes(encode(CEVAL, encoding))
+    questions = read_questions(path, "art")
+    assert [(q.question, q.options[2], q.answer) for q in questions] == [
+        ("长城位于哪个国家？", "法国", "A"), ("一年有几个月？", "十二", "C")]

@@ -161,6 +161,12 @@ MISSING = [
     ("eval ppl", lambda t, m: ["eval", "ppl", m, "--text", str(t / "t.txt")]),
     ("eval quant", lambda t, m: ["eval", "quant", m, "--text", str(t / "t.txt")]),
     ("export imatrix", lambda t, m: ["export", "imatrix", m, "--text", str(t / "t.txt"), "-o", str(t / "i.dat")]),
+    ("export lora-gguf --adapter", lambda t, m: ["export", "lora-gguf", "--adapter", m, "-o", str(t / "a.gguf")]),
+    ("vocab merge", lambda t, m: ["vocab", "merge", "--base", m, "--add", str(REAL / "chinese_sp.model"),
+                                  "-o", str(t / "tok")]),
+    ("eval generate", lambda t, m: ["eval", "generate", m, "--data", str(t / "d.json"), "-o", str(t / "ev")]),
+    ("eval choice", lambda t, m: ["eval", "choice", m, "--data", str(t / "ceval")]),
+    ("score", lambda t, m: ["score", m, "--data", str(t / "d.json"), "-o", str(t / "s.jsonl")]),
 ]
 
 
@@ -168,6 +174,10 @@ MISSING = [
 def test_a_missing_model_directory_is_named(tmp_path, capsys, command, argv):
     (tmp_path / "p.jsonl").write_text('{"prompt": "你好"}\n', encoding="utf-8")
     (tmp_path / "t.txt").write_text("一段文字\n", encoding="utf-8")
+    (tmp_path / "d.json").write_text('[{"instruction": "你好", "output": "您好"}]', encoding="utf-8")
+    (tmp_path / "ceval" / "val").mkdir(parents=True)
+    (tmp_path / "ceval" / "val" / "art_val.csv").write_text("id,question,A,B,C,D,answer\n0,问,甲,乙,丙,丁,A\n",
+                                                              encoding="utf-8")
     missing = str(tmp_path / "no-such-model")
     code = main(argv(tmp_path, missing))
     err = capsys.readouterr().err

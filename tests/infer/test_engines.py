@@ -123,6 +123,34 @@ def test_pieces_of_a_byte_fallback_character_are_held_back(engine):
     assert "".join(out).lstrip() == "表情🙂" and "🙂" in out and not any("\ufffd" in t for t in out)
 
 
+@pytest.mark.parametrize("decoder", ["token bytes", "window decode"])
+def test_an_answer_cut_inside_a_character_drops_its_first_bytes(engine, decoder):
+    """max_new_tokens ending in the middle of a byte-fallback character: the answer ends before
+    it, not in U+FFFD (issue 12: "…把二氧化�"). Both of the HF engine's decoders (its own token
+    bytes, and the window decode it falls back to for a tokenizer it cannot map to bytes)."""
+    from loraforge.infer.engine import ByteText, stream_tokens
+    from loraforge.infer.hf import _TextDelta
+
+    if decoder == "window decode" and not hasattr(engine, "tokenizer"):
+        pytest.skip("llama.cpp writes every token's bytes")
+    ids = engine.tokenize("表情🙂")[1:]
+    emoji_start = len(engine.tokenize("表情")) - 1
+    cuts = []
+    for k in range(1, len(ids) + 1):
+        if decoder == "token bytes":
+            text = ByteText()
+            to_text, flush = (lambda t, text=text: text(engine.token_bytes(t))), text.flush
+        else:
+            to_text = _TextDelta(engine.tokenizer, [])
+            flush = to_text.flush
+        chunks = list(stream_tokens(iter(ids), to_text, flush, set(), (), k))
+        assert chunks[-1].finish_reason == "length" and len(chunks) == k
+        cuts.append("".join(c.text for c in chunks).lstrip())
+    assert not any("\ufffd" in cut for cut in cuts), cuts
+    assert all(cut == "表情" for cut in cuts[emoji_start:-1]), cuts  # the emoji's first bytes are held, then dropped
+    assert cuts[-1] == "表情🙂"
+
+
 def test_template_override_and_engine_mismatch(learned_run_dir, learned_gguf_f16):
     from loraforge.infer.engine import open_engine
 

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -45,13 +46,16 @@ class ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         # --threads 1: the same thread count as the direct `Llama` the answers are compared
         # with, and no thread changes from the governor while the suite shares the cores.
+        # the server's output goes to a file: a pipe nobody reads fills up (64 KiB) and then
+        # blocks the server's event loop on its next log line
+        self.log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
         self.proc = subprocess.Popen([sys.executable, "-m", "loraforge", "serve", *args, "--port", str(self.port),
-                                      "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                      "--threads", "1"], stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      text=True, cwd=ROOT)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"loraforge serve exited with {self.proc.returncode}: {self.proc.stderr.read()}")
+                raise RuntimeError(f"loraforge serve exited with {self.proc.returncode}: {self.output()}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
                     if response.status == 200:
@@ -62,6 +66,11 @@ class ServerProcess:
                 self.stop()
                 raise RuntimeError(f"loraforge serve did not answer /health within {timeout} s")
             time.sleep(0.1)
+
+    def output(self) -> str:
+        """What the server printed so far."""
+        self.log.seek(0)
+        return self.log.read()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -240,7 +240,6 @@ def test_reward_model_ranks_heldout_chosen_first_and_scores_text(pretrained_llam
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["stage=kto", "train.batch_size=1"], r"stage kto needs train.batch_size ≥ 2"),
     (["stage=kto", "pref_loss=orpo"], r"pref.loss=orpo is a dpo loss; stage kto has its own"),
     (["stage=dpo", "method=prompt_tuning"], r"stage dpo trains with method lora, qlora or full"),
 ])
@@ -267,32 +266,95 @@ def test_sft_data_for_dpo_names_the_stage(tiny_llama, tmp_path):
         train(pref_config(tiny_llama, tmp_path / "x", data, "stage=dpo"))
 
 
+# The keys and values of LLaMA-Factory's examples/train_lora/qwen3_lora_{dpo,kto,reward}.yaml
+# (hiyouga/LLaMA-Factory at ff6d4d1), as they are, but for the learning rate and epochs: theirs are
+# for a 4B model and would not move a tiny one in a test's time.
+LF_PREFERENCE_YAMLS = {
+    "dpo": ("dpo_zh_demo", "lora/dpo", ["pref_beta: 0.1", "pref_loss: sigmoid"],
+            ["per_device_train_batch_size: 1", "gradient_accumulation_steps: 8", "learning_rate: 5.0e-3"]),
+    "kto": ("kto_en_demo", "lora/kto", ["pref_beta: 0.1"],
+            ["per_device_train_batch_size: 1", "gradient_accumulation_steps: 8", "learning_rate: 5.0e-3"]),
+    "rm": ("dpo_en_demo", "lora/reward", [],
+           ["per_device_train_batch_size: 1", "gradient_accumulation_steps: 8", "learning_rate: 5.0e-3"]),
+}
+
+
+def lf_data_dir(root: Path, pref_data) -> Path:
+    """A data folder laid out as LLaMA-Factory's data/: our pairs and feedback under its demo names,
+    described by dataset_info.json entries written as its own are."""
+    data_dir = root / "data"
+    data_dir.mkdir()
+    for name in ("dpo_zh_demo", "dpo_en_demo"):
+        (data_dir / f"{name}.json").write_bytes(pref_data["pairs"].read_bytes())
+    (data_dir / "kto_en_demo.json").write_bytes(pref_data["kto"].read_bytes())
+    pairs = {"ranking": True, "formatting": "sharegpt",
+             "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}}
+    (data_dir / "dataset_info.json").write_text(json.dumps({
+        "dpo_zh_demo": {"file_name": "dpo_zh_demo.json", **pairs},
+        "dpo_en_demo": {"file_name": "dpo_en_demo.json", **pairs},
+        "kto_en_demo": {"file_name": "kto_en_demo.json", "formatting": "sharegpt",
+                        "columns": {"messages": "messages", "kto_tag": "label"},
+                        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                                 "assistant_tag": "assistant"}}}))
+    return data_dir
+
+
 @pytest.mark.slow
-def test_a_llama_factory_dpo_yaml_trains_unedited(pretrained_llama, pref_data, tmp_path):
-    """The keys of LLaMA-Factory's examples/train_lora/*_lora_dpo.yaml, as they are; only the model, the data
-    folder and the output are pointed at local things on the command line."""
+@pytest.mark.parametrize("stage", list(LF_PREFERENCE_YAMLS))
+def test_a_llama_factory_preference_yaml_trains_unedited(pretrained_llama, pref_data, tmp_path, capsys, stage):
+    """Only the model, the data folder and the output are pointed at local things on the command line."""
     from loraforge.cli import main
 
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    (data_dir / "dpo_zh_demo.json").write_bytes(pref_data["pairs"].read_bytes())
-    (data_dir / "dataset_info.json").write_text(json.dumps({"dpo_zh_demo": {
-        "file_name": "dpo_zh_demo.json", "ranking": True, "formatting": "sharegpt",
-        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}}}))
-    yaml = tmp_path / "lora_dpo.yaml"
+    dataset, output, method_keys, train_keys = LF_PREFERENCE_YAMLS[stage]
+    yaml = tmp_path / f"qwen3_lora_{stage}.yaml"
     yaml.write_text("\n".join([
-        "model_name_or_path: Qwen/Qwen3-4B-Instruct-2507", "trust_remote_code: true", "stage: dpo", "do_train: true",
-        "finetuning_type: lora", "lora_rank: 8", "lora_target: all", "pref_beta: 0.1", "pref_loss: sigmoid",
-        "dataset: dpo_zh_demo", "template: default", "cutoff_len: 2048", "max_samples: 1000",
-        "preprocessing_num_workers: 16", "dataloader_num_workers: 0", "output_dir: saves/lora/dpo",
-        "logging_steps: 1", "save_steps: 500", "plot_loss: true", "overwrite_output_dir: true",
-        "save_only_model: false", "report_to: none", "per_device_train_batch_size: 4",
-        "gradient_accumulation_steps: 1", "learning_rate: 5.0e-3", "num_train_epochs: 1.0",
-        "lr_scheduler_type: cosine", "warmup_ratio: 0.1", "bf16: true", "ddp_timeout: 180000000",
-        "resume_from_checkpoint: null", ""]), encoding="utf-8")
+        "### model", "model_name_or_path: Qwen/Qwen3-4B-Instruct-2507", "trust_remote_code: true", "",
+        "### method", f"stage: {stage}", "do_train: true", "finetuning_type: lora", "lora_rank: 8",
+        "lora_target: all", *method_keys, "",
+        "### dataset", f"dataset: {dataset}", "template: qwen3_nothink", "cutoff_len: 2048", "max_samples: 1000",
+        "preprocessing_num_workers: 16", "dataloader_num_workers: 4", "",
+        "### output", f"output_dir: saves/qwen3-4b/{output}", "logging_steps: 10", "save_steps: 500",
+        "plot_loss: true", "overwrite_output_dir: true", "save_only_model: false",
+        "report_to: none  # choices: [none, wandb, tensorboard, swanlab, mlflow]", "",
+        "### train", *train_keys, "num_train_epochs: 3.0", "lr_scheduler_type: cosine", "warmup_ratio: 0.1",
+        "bf16: true", "ddp_timeout: 180000000", "resume_from_checkpoint: null", "",
+        "### eval", "# val_size: 0.1", "# per_device_eval_batch_size: 1", "# eval_strategy: steps",
+        "# eval_steps: 500", ""]), encoding="utf-8")
     out = tmp_path / "out"
-    assert main(["train", str(yaml), f"model_name_or_path={pretrained_llama}", f"dataset_dir={data_dir}",
-                 f"output_dir={out}"]) == 0
+    # (logging_steps=1 too: the test reads every step's loss)
+    assert main(["train", str(yaml), "model_name_or_path=" + str(pretrained_llama),
+                 f"dataset_dir={lf_data_dir(tmp_path, pref_data)}", f"output_dir={out}", "logging_steps=1"]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error:" not in err, err
+    saved = (out / "loraforge.yaml").read_text()
+    assert f"stage: {stage}" in saved and "template: qwen3_nothink" in saved
     rows = [r for r in read_log(out / "trainer_log.jsonl") if "loss" in r]
-    assert len(rows) == 6 and rows[-1]["rewards/margins"] > 0
-    assert "stage: dpo" in (out / "loraforge.yaml").read_text()
+    # 8 examples per optimizer step, 3 epochs: 24 pairs → 9 steps, 48 feedback answers → 18
+    assert len(rows) == (18 if stage == "kto" else 9), rows
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    assert mean([r["loss"] for r in rows[-3:]]) < mean([r["loss"] for r in rows[:3]]), rows
+    if stage == "kto":  # 1 × 8 in the YAML: 2 × 4 here, the same 8 examples per step, said in a note
+        assert "note: stage kto: train.batch_size 1 → 2 and gradient accumulation 8 → 4 (the same examples" in err
+        assert "batch_size: 2" in saved
+    if stage == "dpo":
+        assert rows[-1]["rewards/margins"] > 0
+    if stage == "rm":
+        assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+
+
+@pytest.mark.parametrize("batch, accum, expected, note", [
+    (1, 8, (2, 4), "gradient accumulation 8 → 4 (the same examples per optimizer step)"),
+    (1, 1, (2, 1), "gradient accumulation 1 → 1 (2 instead of 1 examples per optimizer step)"),
+    (1, 3, (2, 1), "(2 instead of 3 examples per optimizer step)"),
+    (4, 2, (4, 2), None),
+])
+def test_kto_with_one_example_per_micro_batch_gets_two(tiny_llama, pref_data, tmp_path, batch, accum, expected,
+                                                       note):
+    from loraforge.train.preference import kto_micro_batch
+
+    config = pref_config(tiny_llama, tmp_path / "x", pref_data["kto"], "stage=kto", f"train.batch_size={batch}",
+                         f"train.grad_accum={accum}")
+    new, said = kto_micro_batch(config)
+    assert (new.train.batch_size, new.train.grad_accum) == expected
+    assert (said is None) if note is None else (note in said), said
+    assert (config.train.batch_size, config.train.grad_accum) == (batch, accum)  # the given config is left alone

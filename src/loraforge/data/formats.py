@@ -9,6 +9,7 @@ stops on them or, with `skip_invalid`, drops them and reports what was dropped.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -333,7 +334,7 @@ def load_records(path: Path, *, formatting: str = "auto", columns: dict | None =
     if path.suffix.lower() == ".txt":  # a line is plain text whatever the entry says, as in LLaMA-Factory
         formatting, columns = "text", None
     report = LoadReport(name=label, format=formatting)
-    convert = None
+    convert, unmapped, unused = None, {}, Counter()
     for source, row in read_rows(path):
         if isinstance(row, BadRow):
             report.problems.append(Problem(source, row.reason, row.detail))
@@ -354,12 +355,31 @@ def load_records(path: Path, *, formatting: str = "auto", columns: dict | None =
                     report.problems.append(Problem(source, UNDETECTED, f"fields {', '.join(map(str, row))}"))
                     continue
             convert = _record_reader(report.format, columns, tags, stage, row, formatting == "auto", label)
+            unmapped = _unmapped_fields(report.format, columns)
+        for key in unmapped:
+            unused[key] += bool(row.get(key))
         try:
             report.records.append(convert(row, source))
         except _Invalid as invalid:
             report.problems.append(Problem(source, invalid.reason, invalid.detail))
     _check_report(report, path, skip_invalid)
+    if any(unused.values()):
+        fields = ", ".join(f"'{key}' ({count})" for key, count in unused.items() if count)
+        mapping = ", ".join(f'"{role}": "{key}"' for key, role in unmapped.items() if unused[key])
+        report.notes.append(f"records with {fields} fields that the columns do not map — "
+                            f"not trained on, as in LLaMA-Factory; to use them add \"columns\": {{{mapping}}} "
+                            "(with the main fields) to its dataset_info.json entry")
     return report
+
+
+def _unmapped_fields(formatting: str, columns: dict | None) -> dict[str, str]:
+    """Field → role, for the optional roles (history, system, tools) a dataset_info entry's
+    columns leave out: LLaMA-Factory does not read those fields, so neither do we."""
+    if columns is None:
+        return {}
+    optional = ("history", "system", "tools")
+    return {COLUMN_DEFAULTS[formatting][role]: role for role in optional
+            if role in COLUMN_DEFAULTS[formatting] and columns.get(role) is None}
 
 
 def _check_report(report: LoadReport, path: Path, skip_invalid: bool) -> None:

@@ -42,6 +42,7 @@ MULTIMODAL_WHY = ("loraforge trains text-only LLaMA-family models: the media wou
                   "train on the text, or use LLaMA-Factory for a vision/audio model")
 # "tools" is read past: a record that calls a tool is rejected on its own
 PREFERENCE_COLUMNS = ("chosen", "rejected", "kto_tag", "score")  # "score" is ours: reward-scored answers
+ENTRY_DEFAULT_ROLES = ("prompt", "query", "response", "messages")  # LLaMA-Factory's DatasetAttr defaults
 KNOWN_COLUMNS = ("prompt", "query", "response", "history", "messages", "system", "tools", *PREFERENCE_COLUMNS)
 _SPLIT = re.compile(r"train(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?")
 
@@ -115,6 +116,11 @@ def _spec_from_entry(data_dir: Path, name: str, entry: dict) -> DatasetSpec:
             raise LoraforgeError(f"{where}: {key} must be an object, got {entry[key]!r:.40}")
     columns = _entry_columns(where, formatting, entry.get("columns"))
     kind = _entry_kind(where, entry, columns or {})
+    if columns is None and kind == "plain":
+        # LLaMA-Factory's defaults for an entry without "columns": the main fields only; a
+        # record's history, system or tools field is read when the entry maps it
+        columns = {role: name if role in ENTRY_DEFAULT_ROLES else None
+                   for role, name in COLUMN_DEFAULTS[formatting].items()}
     num_samples, split, subset = _sampling(where, entry)
     return DatasetSpec(name=name, path=Path(data_dir) / file_name, formatting=formatting,
                        columns=columns, tags=entry.get("tags"), kind=kind,

@@ -24,6 +24,7 @@ A prompt longer than the context drops dev examples, the last first, until it fi
 from __future__ import annotations
 
 import csv
+import io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from loraforge.errors import LoraforgeError
+from loraforge.textfiles import read_text
 
 LETTERS = ("A", "B", "C", "D")
 COLUMNS = ("question", *LETTERS, "answer")
@@ -70,10 +72,9 @@ def read_questions(path: Path, subject: str, need_answers: bool = True) -> list[
     """One subject's questions; a missing column or a bad answer names the file:line."""
     path = Path(path)
     try:
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            rows = list(csv.reader(handle))
-    except UnicodeDecodeError:
-        raise LoraforgeError(f"{path}: not UTF-8 — convert it (iconv -f GB18030 -t UTF-8)") from None
+        rows = list(csv.reader(io.StringIO(read_text(path), newline="")))
+    except csv.Error as error:  # a NUL byte inside UTF-8 text, or a field past csv's size limit
+        raise LoraforgeError(f"{path}: not a CSV file ({error})") from None
     if not rows:
         raise LoraforgeError(f"{path}:1: empty file — a header row with {', '.join(COLUMNS)} is needed")
     header = [h.strip().lower() for h in rows[0]]

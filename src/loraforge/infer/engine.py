@@ -293,33 +293,40 @@ class ByteText:
     def __call__(self, data: bytes) -> str:
         return self._decoder.decode(data)
 
-    def flush(self) -> str:
+    def flush(self, cut: bool = False) -> str:
+        """The held bytes at the end: U+FFFD for a broken character, or nothing when the answer was
+        `cut` by length (the rest of the character was never generated)."""
+        if cut:
+            self._decoder.reset()
+            return ""
         return self._decoder.decode(b"", final=True)
 
 
-def stream_tokens(tokens: Iterator[int], to_text: Callable[[int], str], flush_text: Callable[[], str],
+def stream_tokens(tokens: Iterator[int], to_text: Callable[[int], str], flush_text: Callable[[bool], str],
                   stop_ids: set[int], stop_strings: Sequence[str], max_new_tokens: int) -> Iterator[Chunk]:
     """Chunks from a token iterator: stops at a stop id (not shown), a stop string (cut before
-    it) or `max_new_tokens` (finish 'length'); the iterator is closed when done."""
+    it) or `max_new_tokens` (finish 'length'); the iterator is closed when done.
+    `flush_text(cut)`: the text still held back; `cut` (a length stop) drops an incomplete
+    UTF-8 character rather than showing U+FFFD."""
     stops = StopFilter(stop_strings)
     count = 0
     try:
         for token in tokens:
             count += 1
             if token in stop_ids:
-                yield Chunk(stops.push(flush_text())[0] + stops.flush(), token, "stop")
+                yield Chunk(stops.push(flush_text(False))[0] + stops.flush(), token, "stop")
                 return
             text, stopped = stops.push(to_text(token))
             if stopped:
                 yield Chunk(text, token, "stop")
                 return
             if count >= max_new_tokens:
-                text2, stopped = stops.push(flush_text())
+                text2, stopped = stops.push(flush_text(True))
                 yield Chunk(text + text2 + ("" if stopped else stops.flush()), token, "stop" if stopped else "length")
                 return
             yield Chunk(text, token)
         # the engine ran out of context
-        text, stopped = stops.push(flush_text())
+        text, stopped = stops.push(flush_text(True))
         yield Chunk(text + ("" if stopped else stops.flush()), None, "stop" if stopped else "length")
     finally:
         close = getattr(tokens, "close", None)

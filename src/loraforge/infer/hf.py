@@ -152,8 +152,11 @@ class _TextDelta:
             return now[len(before):]
         return ""
 
-    def flush(self) -> str:
-        return self._delta(final=True)
+    def flush(self, cut: bool = False) -> str:
+        """What is held back; `cut` (a length stop): without the U+FFFD of a character whose
+        last bytes were never generated."""
+        text = self._delta(final=True)
+        return text.rstrip("\ufffd") if cut else text
 
 
 def _byte_level_alphabet() -> dict[str, int]:

@@ -29,7 +29,9 @@ from fastapi.responses import (
     Response,
     StreamingResponse,
 )
+from starlette.requests import ClientDisconnect
 
+from loraforge import __version__
 from loraforge.errors import LoraforgeError
 from loraforge.serve.batching import Delta, Failed, Finished, Job, Scheduler
 from loraforge.serve.prompts import ChatRenderer, prompt_ids
@@ -39,6 +41,7 @@ from loraforge.serve.schema import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    openapi_schema,
     parse_body,
 )
 
@@ -109,6 +112,12 @@ def build_app(scheduler: Scheduler, renderer: ChatRenderer | dict[str, ChatRende
         scheduler.metrics.request(request.url.path, 400)
         return JSONResponse(error_body(str(exc), "invalid_request_error"), status_code=400)
 
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, exc: ClientDisconnect):
+        # the client left before its body arrived: nobody to answer, nothing to log
+        scheduler.metrics.request(request.url.path, 499)
+        return Response(status_code=499)
+
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
         scheduler.metrics.request(request.url.path, 500)
@@ -125,6 +134,10 @@ def build_app(scheduler: Scheduler, renderer: ChatRenderer | dict[str, ChatRende
     @app.get("/health")
     async def health():
         return {"status": "ok", **scheduler.status()}
+
+    @app.get("/openapi.json")
+    async def openapi():
+        return openapi_schema(__version__)
 
     @app.get("/metrics")
     async def metrics():

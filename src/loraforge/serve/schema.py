@@ -298,6 +298,36 @@ def json_schema_grammar(schema: dict) -> str:
         raise ValueError(f"json_schema.schema: cannot be turned into a grammar: {type(exc).__name__}: {exc}") from None
 
 
+ROUTES = (("/v1/chat/completions", ChatCompletionRequest, "chat completion (streamed with stream: true)"),
+          ("/v1/completions", CompletionRequest, "text completion (streamed with stream: true)"),
+          ("/v1/embeddings", EmbeddingRequest, "embeddings (GGUF models)"))
+
+
+def openapi_schema(version: str) -> dict:
+    """The API as an OpenAPI 3.1 document, built from the request models above (the handlers
+    read raw bodies, so FastAPI cannot see them): served at /openapi.json, and what the fault
+    suite fuzzes."""
+    from pydantic.json_schema import models_json_schema
+
+    refs, components = models_json_schema([(model, "validation") for _, model, _ in ROUTES],
+                                          ref_template="#/components/schemas/{model}")
+    errors = {str(code): {"description": what, "content": {"application/json": {"schema": {"type": "object"}}}}
+              for code, what in ((400, "invalid request (the message names the field)"),
+                                 (401, "missing or wrong API key"), (404, "no such model on this server"))}
+    paths = {path: {"post": {"summary": summary, "operationId": path.strip("/").replace("/", "_"),
+                             "requestBody": {"required": True, "content": {"application/json": {
+                                 "schema": refs[(model, "validation")]}}},
+                             "responses": {"200": {"description": "the answer (JSON, or server-sent events when "
+                                                                  "stream is true)"}, **errors}}}
+             for path, model, summary in ROUTES}
+    paths["/v1/models"] = {"get": {"summary": "the served model names", "operationId": "v1_models",
+                                   "responses": {"200": {"description": "list of models"}, "401": errors["401"]}}}
+    paths["/health"] = {"get": {"summary": "liveness and queue state", "operationId": "health",
+                                "responses": {"200": {"description": "ok"}}}}
+    return {"openapi": "3.1.0", "info": {"title": "loraforge", "version": version}, "paths": paths,
+            "components": {"schemas": components.get("$defs", {})}}
+
+
 def parse_body(model: type[_Body], raw: bytes) -> _Body:
     """Validate a JSON request body; any problem is a LoraforgeError naming the field."""
     try:

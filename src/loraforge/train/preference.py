@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -62,10 +63,22 @@ def check_preference_config(config: Config) -> None:
     if config.stage != "dpo" and config.pref.loss != "sigmoid":
         raise LoraforgeError(f"pref.loss={config.pref.loss} is a dpo loss; stage {config.stage} has its own — "
                              "drop pref.loss (LLaMA-Factory: pref_loss) or use stage: dpo")
-    if config.stage == "kto" and config.train.batch_size < 2:
-        # TRL estimates KTO's KL term from the other answers in the same batch
-        raise LoraforgeError("stage kto needs train.batch_size ≥ 2: its KL term is estimated from mismatched "
-                             "prompt/answer pairs within a batch")
+
+
+def kto_micro_batch(config: Config) -> tuple[Config, str | None]:
+    """KTO's KL term is estimated from the other answers of the same micro-batch (TRL's rule), so
+    one example per micro-batch has none. LLaMA-Factory's KTO examples say batch size 1 with
+    gradient accumulation 8: that becomes 2 × 4, the same examples per optimizer step, with a note
+    (an odd accumulation count cannot keep the step size: it says so)."""
+    train = config.train
+    if config.stage != "kto" or train.batch_size > 1:
+        return config, None
+    accum = max(1, train.grad_accum // 2)
+    new = config.model_copy(update={"train": train.model_copy(update={"batch_size": 2, "grad_accum": accum})})
+    same = "the same" if train.grad_accum % 2 == 0 else f"{2 * accum} instead of {train.grad_accum}"
+    return new, (f"stage kto: train.batch_size 1 → 2 and gradient accumulation {train.grad_accum} → {accum} "
+                 f"({same} examples per optimizer step): KTO's KL term is estimated from the other answers "
+                 "in a micro-batch, and one example has none")
 
 
 def _config_class(config: Config):
@@ -224,9 +237,12 @@ def train_preference(config: Config):
         save_run,
     )
 
-    check_preference_config(config)
-    output_dir, resume, tokenizer, train_set, eval_set = prepare_run(config)
     main_process = int(os.environ.get("RANK", "0")) == 0
+    check_preference_config(config)
+    config, note = kto_micro_batch(config)
+    if note and main_process:
+        print(f"note: {note}", file=sys.stderr)
+    output_dir, resume, tokenizer, train_set, eval_set = prepare_run(config)
 
     set_seed(config.train.seed)
     model = load_reward_base(config) if config.stage == "rm" else load_base_model(config)

@@ -70,6 +70,9 @@ def base_model_file(base: Path) -> Path:
     base = Path(base)
     if base.is_file():
         return base
+    if not base.exists():
+        raise LoraforgeError(f"no such model directory: {base} (--base) — pass the base model's directory "
+                             "(or its tokenizer.model)")
     model_file = base / "tokenizer.model"
     if model_file.exists():
         return model_file
