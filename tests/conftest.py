@@ -166,3 +166,23 @@ def real_tokenizer_models(real_tokenizers, tmp_path_factory) -> dict[str, Path]:
     shape = TinyShape(hidden=32, layers=1, heads=2, kv_heads=1, ffn=64)
     return {name: build_tiny_model(folder, tmp_path_factory.mktemp(f"model-{name}"), shape)
             for name, folder in real_tokenizers.items()}
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        why = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium; `make test` does)"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        yield chromium
+        chromium.close()

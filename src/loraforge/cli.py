@@ -439,6 +439,22 @@ def _serve_command_for(path: str) -> str:
             f"loraforge serve {model}{template}{how}")
 
 
+def cmd_board(args) -> None:
+    from loraforge.board.app import serve_board
+
+    serve_board(args.root, args.host, args.port, args.token or None)
+
+
+def _board_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", action="append", default=[], metavar="DIR",
+                        help="a folder the board may see (repeatable; default: the current one). Paths in a "
+                             "config are relative to the first, and runs are started there")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=7860, help="TCP port (default: 7860, as LlamaBoard)")
+    parser.add_argument("--token", default="", help="required with a --host other than loopback: every request "
+                                                   "must send it (Authorization: Bearer T, or ?token=T)")
+
+
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="the .gguf model to serve (a HF model or adapter dir: one request at a time)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
@@ -570,6 +586,8 @@ COMMANDS: list[tuple[tuple[str, ...], Callable, str, Callable | None]] = [
      _eval_quant_arguments),
     (("score",), cmd_score, "rewards from a reward model run (stage rm) for pairs or answers in data files",
      _score_arguments),
+    (("board",), cmd_board, "the training workflow in a browser: pick, train with a live loss chart, stop, resume",
+     _board_arguments),
     (("serve",), cmd_serve, "OpenAI-compatible server with continuous batching, LoRA adapters by name, chat page",
      _serve_arguments),
 ]

@@ -37,38 +37,36 @@ def is_utf8(data: bytes) -> bool:
     return True
 
 
-class ServerProcess:
-    """`python -m loraforge serve …` in a subprocess, ready when /health answers."""
+class LoraforgeProcess:
+    """`python -m loraforge COMMAND …` in a subprocess on a free loopback port, ready when
+    `ready_path` answers 200. Its output goes to a file: a pipe nobody reads fills up (64 KiB)
+    and then blocks the server's event loop on its next log line."""
 
-    def __init__(self, *args: str, timeout: float = 120.0):
+    def __init__(self, argv: list[str], ready_path: str, timeout: float = 120.0, stop_wait_s: float = 10.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        # --threads 1: the same thread count as the direct `Llama` the answers are compared
-        # with, and no thread changes from the governor while the suite shares the cores.
-        # the server's output goes to a file: a pipe nobody reads fills up (64 KiB) and then
-        # blocks the server's event loop on its next log line
+        self.stop_wait_s = stop_wait_s
         self.log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
-        self.proc = subprocess.Popen([sys.executable, "-m", "loraforge", "serve", *args, "--port", str(self.port),
-                                      "--threads", "1"], stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     text=True, cwd=ROOT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "loraforge", *argv, "--port", str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True, cwd=ROOT)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"loraforge serve exited with {self.proc.returncode}: {self.output()}")
+                raise RuntimeError(f"loraforge {argv[0]} exited with {self.proc.returncode}: {self.output()}")
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                with urllib.request.urlopen(self.url + ready_path, timeout=2) as response:
                     if response.status == 200:
                         break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"loraforge serve did not answer /health within {timeout} s")
+                raise RuntimeError(f"loraforge {argv[0]} did not answer {ready_path} within {timeout} s")
             time.sleep(0.1)
 
     def output(self) -> str:
-        """What the server printed so far."""
+        """What the process printed so far."""
         self.log.seek(0)
         return self.log.read()
 
@@ -76,10 +74,19 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=self.stop_wait_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class ServerProcess(LoraforgeProcess):
+    """`python -m loraforge serve …`, ready when /health answers."""
+
+    def __init__(self, *args: str, timeout: float = 120.0):
+        # --threads 1: the same thread count as the direct `Llama` the answers are compared
+        # with, and no thread changes from the governor while the suite shares the cores.
+        super().__init__(["serve", *args, "--threads", "1"], "/health", timeout)
 
 
 def http(url: str, body: bytes | dict | None = None, headers: dict | None = None) -> tuple[int, dict | str]:

@@ -23,7 +23,6 @@ import pytest
 
 from .conftest import ServerProcess, free_port, http, metrics
 
-CHROMIUM = Path("/usr/bin/chromium")
 PAGE_FILE = Path(__file__).resolve().parents[2] / "src" / "loraforge" / "serve" / "web" / "index.html"
 KEY = "page-s3cret"
 DONE = "() => document.getElementById('stop').hidden && !document.querySelector('.msg.streaming')"
@@ -45,23 +44,6 @@ SAME_GLYPH = """([a, b]) => {
                          g.fillText(ch, 2, 19); return g.getImageData(0, 0, 48, 24).data.join(); };
   return draw(a) === draw(b);
 }"""
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        why = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium; `make test` does)"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture
