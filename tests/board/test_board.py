@@ -60,7 +60,8 @@ def test_no_route_reads_outside_the_root(board, route, path):
 
 
 @pytest.mark.parametrize("key, value", [("model.path", "/etc"), ("data.dir", "../../../etc"),
-                                        ("train.output_dir", "/tmp/elsewhere"), ("model.path", "link-out")])
+                                        ("train.output_dir", "/tmp/elsewhere"), ("model.path", "link-out"),
+                                        ("data.datasets", "/etc/passwd"), ("data.datasets", "link-out/passwd")])
 def test_a_config_naming_a_path_outside_the_root_is_refused(board, key, value):
     section, name = key.split(".")
     yaml = config_yaml("runs/x").replace(f"  {name}: ", f"  {name}: {value}  # ", 1) if section != "train" else \

@@ -20,7 +20,6 @@ from loraforge.data import tools as tool_text
 from loraforge.serve.reply_split import ReplyPlan, ReplyStream, split_reply
 
 from .conftest import ServerProcess, http
-from .test_web import browser  # noqa: F401 (the real Chromium fixture)
 
 WEATHER_TOOL = {"name": "get_weather", "description": "查询天气",
                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}

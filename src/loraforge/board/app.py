@@ -141,8 +141,13 @@ def build_app(roots: Roots, token: str | None = None, jobs: Jobs | None = None) 
         except LoraforgeError as exc:
             path.unlink(missing_ok=True)
             raise HttpError(400, str(exc).replace(str(path), "board.yaml")) from None
-        for what, value in (("model.path", config.model.path), ("model.tokenizer", config.model.tokenizer),
-                            ("data.dir", config.data.dir), ("train.output_dir", config.train.output_dir)):
+        named = [("model.path", config.model.path), ("model.tokenizer", config.model.tokenizer),
+                 ("data.dir", config.data.dir), ("data.cache_dir", config.data.cache_dir),
+                 ("train.output_dir", config.train.output_dir), ("train.deepspeed", config.train.deepspeed)]
+        # a dataset given as a file path (not a dataset_info.json name) is a path too
+        named += [("data.datasets", name) for name in config.data.datasets
+                  if "/" in name or "\\" in name or name.startswith("~")]
+        for what, value in named:
             if value:
                 try:
                     roots.resolve(workdir / Path(value).expanduser())
