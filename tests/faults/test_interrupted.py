@@ -231,3 +231,25 @@ def test_kill_9_during_train_resumes_from_the_last_checkpoint_with_the_same_curv
     for row in rows:
         assert row["loss"] == pytest.approx(whole[row["step"]], rel=1e-4), row
     assert (cut / "adapter_model.safetensors").exists()
+
+
+def test_resume_skips_a_checkpoint_cut_off_while_saving(tmp_path, tiny_llama, capsys):
+    """A run stopped while the Trainer wrote checkpoint-10 (no trainer_state.json yet, which it
+    writes last) resumes from checkpoint-5, and says so; naming the cut one is a clear error."""
+    from loraforge.errors import LoraforgeError
+    from loraforge.train.run import resolve_resume
+
+    from conftest import sft_config
+
+    out = tmp_path / "run"
+    for step, done in ((5, True), (10, False)):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"")
+        if done:
+            (out / f"checkpoint-{step}" / "trainer_state.json").write_text("{}", encoding="utf-8")
+    last = sft_config(tiny_llama, out, "train.resume_from_checkpoint=last")
+    assert resolve_resume(last, out) == str(out / "checkpoint-5")
+    assert "checkpoint-10 in" in capsys.readouterr().err
+    cut = sft_config(tiny_llama, out, f"train.resume_from_checkpoint={out / 'checkpoint-10'}")
+    with pytest.raises(LoraforgeError, match="an incomplete checkpoint"):
+        resolve_resume(cut, out)

@@ -67,6 +67,9 @@ def build_app(roots: Roots, token: str | None = None, jobs: Jobs | None = None) 
     app.state.jobs = jobs
     workdir = roots.paths[0]
 
+    def state_of(folder: Path) -> dict:
+        return run_state(folder, active=jobs.running() == folder)
+
     def authorize(request: Request) -> None:
         if not token:
             return
@@ -204,7 +207,7 @@ def build_app(roots: Roots, token: str | None = None, jobs: Jobs | None = None) 
     @app.get("/api/runs")
     async def runs(request: Request):
         authorize(request)
-        return {"runs": [{"path": roots.shown(folder), **run_state(folder)}
+        return {"runs": [{"path": roots.shown(folder), **state_of(folder)}
                          for folder in roots.walk() if is_run_dir(folder)]}
 
     def run_dir_of(path: str | None) -> Path:
@@ -222,7 +225,7 @@ def build_app(roots: Roots, token: str | None = None, jobs: Jobs | None = None) 
             log = (folder / LOG_FILE).read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_TAIL_LINES:]
         except OSError:
             log = []
-        return {"path": roots.shown(folder), **run_state(folder), "rows": rows, "log": log}
+        return {"path": roots.shown(folder), **state_of(folder), "rows": rows, "log": log}
 
     @app.get("/api/run/events")
     async def events(request: Request, path: str | None = None):
@@ -243,7 +246,7 @@ def build_app(roots: Roots, token: str | None = None, jobs: Jobs | None = None) 
                 for line in lines[last_log:]:
                     yield f"event: log\ndata: {json.dumps(line, ensure_ascii=False)}\n\n"
                 last_log = len(lines)
-                state = run_state(folder)
+                state = state_of(folder)
                 if state["state"] != "running":
                     rows, offset = read_lines(folder / "trainer_log.jsonl", offset)
                     for row in rows:
@@ -270,7 +273,7 @@ def build_app(roots: Roots, token: str | None = None, jobs: Jobs | None = None) 
         folder = run_dir_of(path)
         if not await asyncio.to_thread(jobs.stop, folder):
             raise HttpError(409, f"run {path} is not running here")
-        return {"path": roots.shown(folder), **run_state(folder)}
+        return {"path": roots.shown(folder), **state_of(folder)}
 
     @app.post("/api/run/resume")
     async def resume(request: Request, path: str | None = None):
@@ -280,7 +283,7 @@ def build_app(roots: Roots, token: str | None = None, jobs: Jobs | None = None) 
         if not yaml_file.is_file():
             raise HttpError(409, f"run {path} was not started from the board (no {YAML_FILE}): resume it with "
                                  f"loraforge train CONFIG train.resume_from_checkpoint=last")
-        overrides = ["train.resume_from_checkpoint=last"] if run_state(folder)["last_checkpoint"] else \
+        overrides = ["train.resume_from_checkpoint=last"] if state_of(folder)["last_checkpoint"] else \
             ["train.overwrite_output_dir=true"]
         try:
             command = jobs.start(folder, yaml_file.read_text(encoding="utf-8"), overrides)

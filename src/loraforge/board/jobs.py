@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from loraforge.outputs import write_text
+from loraforge.train.run import latest_checkpoint
 
 JOB_FILE, EXIT_FILE, LOG_FILE, YAML_FILE = "board.json", "board-exit.json", "board.log", "board.yaml"
 STOP_WAIT_S = 20
@@ -32,10 +33,11 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    try:  # a reused pid is another program
-        return b"loraforge" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    try:  # a reused pid is another program; a process that is exiting has an empty command line
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True
+    return not cmdline or b"loraforge" in cmdline
 
 
 def _read_json(path: Path) -> dict | None:
@@ -68,22 +70,20 @@ def read_lines(path: Path, offset: int) -> tuple[list[dict], int]:
     return rows, offset + end
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def run_state(run_dir: Path) -> dict:
-    """running / finished / stopped / failed, with what a page shows about it."""
+def run_state(run_dir: Path, active: bool = False) -> dict:
+    """running / finished / stopped / failed, with what a page shows about it. `active`: this
+    board's job is running there (until its exit file is written)."""
     job, ended = _read_json(run_dir / JOB_FILE), _read_json(run_dir / EXIT_FILE)
     rows = log_rows(run_dir)
     steps = [r["step"] for r in rows if "step" in r]
-    last = checkpoints(run_dir)
+    last = latest_checkpoint(run_dir)  # complete checkpoints only: what Resume would load
     state = {"step": steps[-1] if steps else 0, "remaining_s": rows[-1].get("remaining_s") if rows else None,
-             "last_checkpoint": last[-1].name if last else None, "board": job is not None,
+             "last_checkpoint": last.name if last else None, "board": job is not None,
              "loss_png": (run_dir / "loss.png").is_file()}
     saved = any((run_dir / name).is_file() for name in ("adapter_model.safetensors", "model.safetensors"))
-    if ended is not None:
+    if active:
+        state["state"] = "running"
+    elif ended is not None:
         if ended.get("stopped"):
             state["state"] = "stopped"
         else:
@@ -122,16 +122,18 @@ class Jobs:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._run_dir: Path | None = None
+        self._waiter: threading.Thread | None = None
         self._stopping = False
 
     def running(self) -> Path | None:
+        """The run directory of the job, from its start until its exit file is written."""
         with self._lock:
-            return self._run_dir if self._proc is not None and self._proc.poll() is None else None
+            return self._run_dir if self._waiter is not None and self._waiter.is_alive() else None
 
     def start(self, run_dir: Path, yaml_text: str, overrides: list[str] = ()) -> list[str]:
         """Write RUN/board.yaml and start `loraforge train` on it; the command, as run."""
         with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
+            if self._waiter is not None and self._waiter.is_alive():
                 raise Busy(f"a training job is already running: {self._run_dir} — stop it first "
                            "(one job at a time)")
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +152,8 @@ class Jobs:
             self._run_dir, self._stopping = run_dir, False
             write_text(run_dir / JOB_FILE, json.dumps({"command": command, "pid": self._proc.pid,
                                                               "started": time.time()}))
-            threading.Thread(target=self._wait, args=(self._proc, run_dir), daemon=True).start()
+            self._waiter = threading.Thread(target=self._wait, args=(self._proc, run_dir), daemon=True)
+            self._waiter.start()
             return ["loraforge", *command[3:]]
 
     def _wait(self, proc: subprocess.Popen, run_dir: Path) -> None:
@@ -164,8 +167,8 @@ class Jobs:
     def stop(self, run_dir: Path | None = None) -> bool:
         """Stop the running job (SIGTERM, then SIGKILL); False when nothing (or another run) runs."""
         with self._lock:
-            proc = self._proc
-            if proc is None or proc.poll() is not None or (run_dir is not None and run_dir != self._run_dir):
+            proc, waiter = self._proc, self._waiter
+            if waiter is None or not waiter.is_alive() or (run_dir is not None and run_dir != self._run_dir):
                 return False
             self._stopping = True
         try:
@@ -176,7 +179,5 @@ class Jobs:
             proc.wait()
         except ProcessLookupError:
             pass
-        deadline = time.monotonic() + 5  # the waiter thread writes the exit file
-        while not (self._run_dir / EXIT_FILE).exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        waiter.join()  # it writes the exit file
         return True

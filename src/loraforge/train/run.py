@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,10 +116,20 @@ class PackedTrainer(Trainer):
         return super().compute_loss(model, packed_forward_inputs(inputs), *args, **kwargs)
 
 
+CHECKPOINT_DONE = "trainer_state.json"  # the Trainer writes it last: a checkpoint without it was cut off
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """checkpoint-N folders, oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*")
+             if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*")
-             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
-    return max(found)[1] if found else None
+    """The newest complete checkpoint (a run stopped while saving one leaves it without trainer_state.json)."""
+    done = [p for p in checkpoints(output_dir) if (p / CHECKPOINT_DONE).is_file()]
+    return done[-1] if done else None
 
 
 def resolve_resume(config: Config, output_dir: Path) -> str | None:
@@ -127,11 +138,19 @@ def resolve_resume(config: Config, output_dir: Path) -> str | None:
         return None
     if resume == "last":
         last = latest_checkpoint(output_dir)
+        cut = [p.name for p in checkpoints(output_dir) if not (p / CHECKPOINT_DONE).is_file()
+               and (last is None or int(p.name.split("-")[1]) > int(last.name.split("-")[1]))]
+        if cut and int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: {', '.join(cut)} in {output_dir} is incomplete (no {CHECKPOINT_DONE}: the run was stopped "
+                  f"while saving it) — resuming from {last.name if last else 'nothing'}", file=sys.stderr)
         if last is None:
-            raise LoraforgeError(f"train.resume_from_checkpoint=last: no checkpoint-* in {output_dir}")
+            raise LoraforgeError(f"train.resume_from_checkpoint=last: no complete checkpoint-* in {output_dir}")
         return str(last)
     if not Path(resume).is_dir():
         raise LoraforgeError(f"train.resume_from_checkpoint={resume}: no such checkpoint directory")
+    if not (Path(resume) / CHECKPOINT_DONE).is_file():
+        raise LoraforgeError(f"train.resume_from_checkpoint={resume}: an incomplete checkpoint (no {CHECKPOINT_DONE}: "
+                             "the run was stopped while saving it) — resume from an earlier one, or use last")
     return resume
 
 
