@@ -20,7 +20,6 @@ import random
 import socket
 import threading
 import time
-import urllib.request
 
 import psutil
 import pytest
@@ -97,15 +96,6 @@ def test_fuzzed_requests_get_no_5xx_and_no_hang(server, mode):
     answers_a_good_request(server)
 
 
-def raw_post(server, path: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(server.url + path, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 BAD_BODIES = [
     ("not UTF-8", b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe\xb3\xa4"}]}',
      "not valid JSON"),
@@ -126,7 +116,7 @@ def test_a_body_that_is_not_utf8_json_is_a_400(server, path, case, body, expecte
             .replace(b'"messages": [{"role": "us', b'"prompt": "us').replace(b'}]}', b'}')
         if path == "/v1/embeddings":
             body = body.replace(b'"prompt"', b'"input"')
-    status, answer = raw_post(server, path, body)
+    status, answer = http(server.url + path, body)
     assert status == 400 and expected in answer["error"]["message"], (status, answer)
 
 

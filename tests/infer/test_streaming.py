@@ -123,3 +123,33 @@ def test_token_bytes_spell_the_text_as_llama_cpp_pieces_do(kind, spm_tokenizer, 
     ids = tokenizer.encode(text, add_special_tokens=False)
     spelled = b"".join(to_bytes(i) for i in ids).decode("utf-8")
     assert spelled.removeprefix(" ") == text  # SentencePiece writes the leading space it added
+
+
+@pytest.mark.parametrize("name", ["llama2", "chinese-llama"])
+def test_a_length_cut_inside_a_character_with_the_real_vocabularies(real_tokenizers, name):
+    """Meta's LLaMA-2 and Chinese-LLaMA's vocabularies: the ids are sentencepiece's own encoding,
+    where 🙂 is four byte tokens and a rare character three; a cut anywhere ends before the
+    character, never in U+FFFD, and the whole stream is the text."""
+    import sentencepiece as spm
+
+    from loraforge.infer.engine import ByteText
+    from loraforge.infer.hf import _TextDelta, token_bytes
+    from loraforge.tokenizer import load_tokenizer
+
+    text = "表情🙂，龘字"
+    sp = spm.SentencePieceProcessor(model_file=str(real_tokenizers[name] / "tokenizer.model"))
+    ids = sp.encode(text)
+    assert sum(sp.id_to_piece(i).startswith("<0x") for i in ids) >= 4  # byte fallback is really exercised
+    tokenizer = load_tokenizer(real_tokenizers[name])
+    to_bytes = token_bytes(tokenizer)
+    for decoder in ("token bytes", "window decode"):
+        for k in range(1, len(ids) + 1):
+            if decoder == "token bytes":
+                text_of = ByteText()
+                to_text, flush = (lambda t, text_of=text_of: text_of(to_bytes(t))), text_of.flush
+            else:
+                delta = _TextDelta(tokenizer, [])
+                to_text, flush = delta, delta.flush
+            out = "".join(c.text for c in stream_tokens(iter(ids), to_text, flush, set(), (), k)).lstrip()
+            assert "\ufffd" not in out and text.startswith(out), (decoder, k, out)
+        assert out == text

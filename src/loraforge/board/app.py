@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 
 from loraforge import __version__
-from loraforge.board.jobs import LOG_FILE, YAML_FILE, Busy, Jobs, read_lines, run_state
+from loraforge.board.jobs import LOG_FILE, YAML_FILE, Busy, Jobs, read_lines, read_new, run_state
 from loraforge.board.roots import Outside, Roots, data_folder_info, is_run_dir, model_info
 from loraforge.errors import LoraforgeError
 
@@ -234,20 +234,18 @@ def build_app(roots: Roots, token: str | None = None, jobs: Jobs | None = None) 
         folder = run_dir_of(path)
 
         async def stream():
-            offset, last_log = 0, 0
+            offset, log_offset = 0, 0
             while True:
                 rows, offset = read_lines(folder / "trainer_log.jsonl", offset)
                 for row in rows:
                     yield f"event: row\ndata: {json.dumps(row)}\n\n"
-                try:
-                    lines = (folder / LOG_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
-                except OSError:
-                    lines = []
-                for line in lines[last_log:]:
-                    yield f"event: log\ndata: {json.dumps(line, ensure_ascii=False)}\n\n"
-                last_log = len(lines)
-                state = state_of(folder)
-                if state["state"] != "running":
+                lines, log_offset = read_new(folder / LOG_FILE, log_offset)
+                for line in lines:
+                    text = line.decode("utf-8", errors="replace")
+                    yield f"event: log\ndata: {json.dumps(text, ensure_ascii=False)}\n\n"
+                # this board's own job needs no look at the disk; anything else is read from it
+                state = None if jobs.running() == folder else state_of(folder)
+                if state is not None and state["state"] != "running":
                     rows, offset = read_lines(folder / "trainer_log.jsonl", offset)
                     for row in rows:
                         yield f"event: row\ndata: {json.dumps(row)}\n\n"

@@ -52,8 +52,9 @@ def log_rows(run_dir: Path, offset: int = 0) -> list[dict]:
     return read_lines(run_dir / "trainer_log.jsonl", offset)[0]
 
 
-def read_lines(path: Path, offset: int) -> tuple[list[dict], int]:
-    """The JSON lines of `path` after byte `offset` that end in a newline, and the offset after them."""
+def read_new(path: Path, offset: int) -> tuple[list[bytes], int]:
+    """The complete lines of `path` after byte `offset` (a line being written is left for later),
+    and the offset after them: a file followed as it grows, without reading it again."""
     try:
         with open(path, "rb") as handle:
             handle.seek(offset)
@@ -61,13 +62,19 @@ def read_lines(path: Path, offset: int) -> tuple[list[dict], int]:
     except OSError:
         return [], offset
     end = data.rfind(b"\n") + 1
+    return data[:end].splitlines(), offset + end
+
+
+def read_lines(path: Path, offset: int) -> tuple[list[dict], int]:
+    """The JSON lines of `path` after byte `offset`, as read_new reads them."""
+    lines, offset = read_new(path, offset)
     rows = []
-    for line in data[:end].splitlines():
+    for line in lines:
         try:
             rows.append(json.loads(line))
         except ValueError:
             continue
-    return rows, offset + end
+    return rows, offset
 
 
 def run_state(run_dir: Path, active: bool = False) -> dict:
@@ -137,8 +144,7 @@ class Jobs:
                 raise Busy(f"a training job is already running: {self._run_dir} — stop it first "
                            "(one job at a time)")
             run_dir.mkdir(parents=True, exist_ok=True)
-            for name in (EXIT_FILE,):
-                (run_dir / name).unlink(missing_ok=True)
+            (run_dir / EXIT_FILE).unlink(missing_ok=True)
             write_text(run_dir / YAML_FILE, yaml_text)
             command = [sys.executable, "-m", "loraforge", "train", str(run_dir / YAML_FILE), *overrides]
             log = open(run_dir / LOG_FILE, "a", encoding="utf-8")
