@@ -6,6 +6,13 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
+# llama.cpp built for this CPU (-march=native) but without its AMX kernels, which crash in
+# ggml_backend_amx_mul_mat on small matrices (ggml-org/llama.cpp#20824) on CPUs that have AMX.
+# The wheel is built once into its own folder: pip's wheel cache ignores compiler flags.
+LLAMA_CPP    := llama-cpp-python==0.3.36
+LLAMA_CFLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_WHEELS := $(HOME)/.cache/loraforge/llama-cpp-noamx-0.3.36
+
 CHROMIUM := /usr/bin/chromium
 CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc
 
@@ -17,6 +24,10 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
+	ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+	  CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" $(BIN)/pip wheel --quiet --no-deps --no-cache-dir \
+	    -w $(LLAMA_WHEELS) $(LLAMA_CPP)
+	$(BIN)/pip install --quiet --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

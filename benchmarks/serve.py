@@ -344,11 +344,14 @@ class Background:
             self.proc.wait()
 
 
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # the Makefile's LLAMA_CFLAGS
+
+
 def llama_server_binary(cache: Path) -> tuple[Path, str]:
     """llama.cpp's llama-server from the sources vendored in the installed llama-cpp-python's
     sdist: built once (CMake, minutes), then reused. Returns the binary and the version."""
     version = importlib.metadata.version("llama_cpp_python")
-    home = cache / f"llama-server-{version}"
+    home = cache / f"llama-server-noamx-{version}"
     binary = home / "src" / "build" / "bin" / "llama-server"
     if binary.exists():
         return binary, version
@@ -366,8 +369,11 @@ def llama_server_binary(cache: Path) -> tuple[Path, str]:
         tar.extractall(home, members, filter="data")
     src, jobs = home / "src", str(len(os.sched_getaffinity(0)))
     print(f"building llama-server in {src}/build (once; ~6 min on 2 cores)", file=sys.stderr)
+    # the same build as the Makefile's llama-cpp-python: native, without the AMX kernels (LLAMA_CFLAGS)
+    flags = {"CFLAGS": NO_AMX, "CXXFLAGS": NO_AMX}
     subprocess.run(["cmake", "-B", "build", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_SERVER=ON",
-                    "-DCMAKE_BUILD_TYPE=Release"], cwd=src, check=True, stdout=subprocess.DEVNULL)
+                    "-DCMAKE_BUILD_TYPE=Release"], cwd=src, check=True, stdout=subprocess.DEVNULL,
+                   env={**os.environ, **flags})
     subprocess.run(["cmake", "--build", "build", "--target", "llama-server", "-j", jobs], cwd=src, check=True)
     return binary, version
 
@@ -468,7 +474,7 @@ def main() -> None:
     versions = [f"llama-cpp-python {importlib.metadata.version('llama_cpp_python')}"]
     if "llama-server" in targets:
         args.llama_server, version = llama_server_binary(args.build_cache)
-        versions.append(f"llama-server from its vendored llama.cpp ({version}, GGML_NATIVE, OpenMP)")
+        versions.append(f"llama-server from its vendored llama.cpp ({version}, GGML_NATIVE without AMX, OpenMP)")
     from gguf import GGUFReader
 
     reader = GGUFReader(str(model))

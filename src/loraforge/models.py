@@ -60,8 +60,10 @@ def reward_model_error(what: str) -> LoraforgeError:
                           "score with `loraforge score RUN --data FILE -o scores.jsonl`")
 
 
-def resolve_model(ref: str | Path, base: str | Path | None = None) -> ModelRef:
-    """Turn a model reference into a ModelRef; `base` overrides an adapter's recorded base."""
+def resolve_model(ref: str | Path, base: str | Path | None = None, cwd: Path | None = None) -> ModelRef:
+    """Turn a model reference into a ModelRef; `base` overrides an adapter's recorded base. `cwd`:
+    the folder an adapter's relative base path was recorded from (the training's working directory;
+    default: this process's)."""
     path = Path(ref).expanduser()
     if not path.exists():
         if path.suffix.lower() == ".gguf":
@@ -72,7 +74,7 @@ def resolve_model(ref: str | Path, base: str | Path | None = None) -> ModelRef:
     if path.is_file():
         return _gguf(path)
     if (path / "adapter_config.json").exists():
-        return _adapter(path, base)
+        return _adapter(path, base, cwd)
     if (path / "config.json").exists():
         if base is not None:
             raise LoraforgeError(f"--base {base} only applies to an adapter directory; {path} is a full model")
@@ -98,7 +100,13 @@ def _gguf(path: Path) -> ModelRef:
     return ModelRef("gguf", path, None, (), None)
 
 
-def _adapter(path: Path, base: str | Path | None) -> ModelRef:
+def _adapter(path: Path, base: str | Path | None, cwd: Path | None = None) -> ModelRef:
+    def recorded_path(value: str | None) -> Path | None:
+        if not value:
+            return None
+        folder = Path(value).expanduser()
+        return cwd / folder if cwd is not None and not folder.is_absolute() else folder
+
     chain = [path]
     config = read_json(path / "adapter_config.json")
     if config.get("task_type") == "SEQ_CLS":
@@ -112,12 +120,11 @@ def _adapter(path: Path, base: str | Path | None) -> ModelRef:
                                  f"that {path.name} was trained on")
         base_dir = base_dir.resolve()
     else:
-        base_dir = Path(recorded).expanduser() if recorded else None
+        base_dir = recorded_path(recorded)
         # a base that is itself an adapter run (sft on top of pt): follow it to the real model
         while base_dir is not None and (base_dir / "adapter_config.json").exists() and len(chain) < _MAX_CHAIN:
             chain.insert(0, base_dir.resolve())
-            base_dir = read_json(base_dir / "adapter_config.json").get("base_model_name_or_path")
-            base_dir = Path(base_dir).expanduser() if base_dir else None
+            base_dir = recorded_path(read_json(base_dir / "adapter_config.json").get("base_model_name_or_path"))
         if base_dir is None or not (base_dir / "config.json").exists():
             where = f"names its base '{recorded}', which is not a model directory here" if recorded else \
                 "names no base (base_model_name_or_path is empty)"

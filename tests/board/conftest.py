@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -46,7 +48,42 @@ def board_root(pretrained_llama, tmp_path_factory) -> Path:
     (root / "data" / "short.json").write_text(json.dumps(short[10:26], ensure_ascii=False), encoding="utf-8")
     (root / "data" / "dataset_info.json").write_text(json.dumps({"short_zh": {"file_name": "short.json"}}),
                                                      encoding="utf-8")
+    shutil.copy(DATA_DIR / "zh_heldout.txt", root / "data" / "zh_heldout.txt")
     return root
+
+
+@pytest.fixture(scope="module")
+def board(board_root):
+    """A board on this module's root (test_board.py adds a symlink out of it first)."""
+    process = BoardProcess(board_root)
+    yield process
+    process.stop()
+
+
+def q(path: str) -> str:
+    return urllib.parse.quote(path, safe="")
+
+
+def stream_events(board: BoardProcess, path: str, kind: str = "train", limit_s: float = 300):
+    """(event, data) pairs of /api/run/events until the stream ends."""
+    with urllib.request.urlopen(f"{board.url}/api/run/events?kind={kind}&path={q(path)}", timeout=limit_s) as response:
+        event = None
+        for raw in response:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                yield event, json.loads(line[6:])
+
+
+def wait_state(board: BoardProcess, path: str, states: set[str], limit_s: float = 300) -> dict:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        status, run = board.call(f"/api/run?path={q(path)}")
+        if status == 200 and run["state"] in states:
+            return run
+        time.sleep(0.3)
+    raise AssertionError(f"{path} never reached {states}: {run}")
 
 
 def config_yaml(output: str, **train) -> str:

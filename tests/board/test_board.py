@@ -11,14 +11,13 @@ import json
 import subprocess
 import sys
 import time
-import urllib.parse
 import urllib.request
 
 import pytest
 
 from loraforge.train.callbacks import read_log
 
-from .conftest import BoardProcess, config_yaml
+from .conftest import BoardProcess, config_yaml, q, stream_events, wait_state
 
 ESCAPES = ["/etc/passwd", "../../../../etc/passwd", "data/../../../../../etc/passwd", "link-out/passwd", "link-out"]
 
@@ -29,10 +28,6 @@ def board(board_root):
     process = BoardProcess(board_root)
     yield process
     process.stop()
-
-
-def q(path: str) -> str:
-    return urllib.parse.quote(path, safe="")
 
 
 def test_models_and_datasets_under_the_root_are_listed(board):
@@ -49,7 +44,10 @@ def test_models_and_datasets_under_the_root_are_listed(board):
 
 @pytest.mark.parametrize("path", ESCAPES)
 @pytest.mark.parametrize("route", ["/api/run?path=", "/api/run/events?path=", "/api/run/loss.png?path=",
-                                   "POST /api/run/stop?path=", "POST /api/run/resume?path="])
+                                   "POST /api/run/stop?path=", "POST /api/run/resume?path=",
+                                   "/api/run/job?kind=export&path=", "/api/run/events?kind=eval&path=",
+                                   "/api/run/outputs?path=", "/api/run/file?name=loss.png&path=",
+                                   "POST /api/run/stop?kind=export&path="])
 def test_no_route_reads_outside_the_root(board, route, path):
     method, _, url = route.rpartition(" ")
     status, body = board.call(url + q(path), method=method or "GET")
@@ -57,6 +55,27 @@ def test_no_route_reads_outside_the_root(board, route, path):
     assert "root:" not in json.dumps(body)  # no line of /etc/passwd
     if not path.startswith("link-out"):
         assert status == 403 and "outside the board's roots" in body["error"], body
+
+
+@pytest.mark.parametrize("path", ESCAPES)
+@pytest.mark.parametrize("route, body", [("/api/export", {"quants": ["q8_0"]}), ("/api/eval", {"generate": True}),
+                                         ("/api/chat/load", {})])
+def test_no_request_body_names_a_path_outside_the_root(board, route, body, path):
+    status, answer = board.call(route, {**body, "path": path})
+    assert status in (403, 404), (status, answer)
+    assert "root:" not in json.dumps(answer)
+    if not path.startswith("link-out"):
+        assert status == 403 and "outside the board's roots" in answer["error"], answer
+
+
+@pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd", "../../link-out/passwd"])
+def test_a_run_file_is_a_plot_inside_the_run(board, board_root, name):
+    (board_root / "runs" / "files").mkdir(parents=True, exist_ok=True)
+    (board_root / "runs" / "files" / "loraforge.yaml").write_text("stage: sft\n", encoding="utf-8")
+    status, answer = board.call(f"/api/run/file?path={q('runs/files')}&name={q(name)}")
+    assert status in (403, 404) and "root:" not in json.dumps(answer), (status, answer)
+    status, answer = board.call("/api/eval", {"path": "runs/files", "quant": True, "quants": ["q8_0"], "text": name})
+    assert status in (403, 404) and "root:" not in json.dumps(answer), (status, answer)
 
 
 @pytest.mark.parametrize("key, value", [("model.path", "/etc"), ("data.dir", "../../../etc"),
@@ -92,28 +111,6 @@ def test_preview_is_data_checks_report(board, board_root):
     cli = subprocess.run([sys.executable, "-m", "loraforge", "data", "check", "preview.yaml"], cwd=board_root,
                          capture_output=True, text=True, timeout=120)
     assert body["output"] == cli.stdout and "16 examples" in body["output"]
-
-
-def stream_events(board, path: str, limit_s: float = 300):
-    """(event, data) pairs of /api/run/events until the stream ends."""
-    with urllib.request.urlopen(f"{board.url}/api/run/events?path={q(path)}", timeout=limit_s) as response:
-        event = None
-        for raw in response:
-            line = raw.decode().rstrip("\n")
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                yield event, json.loads(line[6:])
-
-
-def wait_state(board, path: str, states: set[str], limit_s: float = 300) -> dict:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        status, run = board.call(f"/api/run?path={q(path)}")
-        if status == 200 and run["state"] in states:
-            return run
-        time.sleep(0.3)
-    raise AssertionError(f"{path} never reached {states}: {run}")
 
 
 @pytest.mark.slow
@@ -199,6 +196,10 @@ def test_with_a_token_every_request_needs_it(board_root):
         assert board.call(f"/api/run?path={q('runs')}")[0] == 401
         assert board.call("/api/models", headers={"Authorization": "Bearer s3cret"})[0] == 200
         assert board.call("/api/models?token=s3cret")[0] == 200
+        # the embedded chat page's own requests carry it as a cookie
+        assert board.call("/chat/v1/models")[0] == 401
+        status, body = board.call("/chat/v1/models", headers={"Cookie": "loraforge_board_token=s3cret"})
+        assert status == 503 and "no chat model is loaded" in body["error"], body
     finally:
         board.stop()
 

@@ -6,16 +6,7 @@ import pytest
 
 from loraforge.train.callbacks import read_log
 
-from .conftest import BoardProcess
-
 SCREENSHOT = "board-train.png"
-
-
-@pytest.fixture(scope="module")
-def board(board_root):
-    process = BoardProcess(board_root)
-    yield process
-    process.stop()
 
 
 @pytest.fixture

@@ -73,8 +73,10 @@ def test_llama_cpp_applying_the_adapter_answers_like_the_merged_model_and_peft(r
     plain, _ = llama_cpp_logits(base_gguf(base))
     reference = peft_logits(base, adapter, ids)
 
-    # the same sums up to fp32 order: llama.cpp adds s·B(Ax), the merged export has W + s·BA
-    assert np.abs(applied - merged).max() < 1e-3
+    # the same sums up to fp32 order: llama.cpp adds s·B(Ax), the merged export has W + s·BA (the
+    # order differs between llama.cpp's AVX2 and AVX-512 kernels: up to 1.5e-3 seen with alpha_pattern's
+    # 8× scale on k_proj, on logits of about ±4)
+    assert np.abs(applied - merged).max() < 3e-3 and np.abs(applied - merged).mean() < 1e-4
     # llama.cpp and transformers differ by ~5e-3 on the base alone, so top-1 is compared where it is decisive
     top2 = np.sort(reference, -1)[:, -2:]
     decisive = top2[:, 1] - top2[:, 0] > 0.02

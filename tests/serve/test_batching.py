@@ -109,7 +109,8 @@ def test_a_repeated_prefix_is_not_prefilled_again_and_changes_nothing(server, cl
                          "</s>", bos_token="<s>")
     fresh = direct_llama.create_completion(direct_llama.tokenize(text.encode(), add_bos=True, special=True),
                                            max_tokens=48, temperature=0.0, stop=list(template.stop_strings))
-    assert again == fresh["choices"][0]["text"]
+    # llama-cpp-python drops bytes that make no character (errors="ignore"); the server shows them as U+FFFD
+    assert again.replace("\ufffd", "") == fresh["choices"][0]["text"]
 
 
 def test_requests_arriving_together_share_one_prefill_of_their_system_prompt(server, client, direct_llama,

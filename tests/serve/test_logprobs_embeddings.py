@@ -153,16 +153,18 @@ def test_completions_have_the_legacy_shape(client, scoring_llama, token_ids):
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == n
     # the stray byte b'\xe8' is shown as U+FFFD in the text and in its token
     assert "\ufffd" in reply.choices[0].text and "\ufffd" in logprobs.tokens
-    offsets = [len(PROMPT)]
-    for token in logprobs.tokens[:-1]:
-        offsets.append(offsets[-1] + len(token))
-    assert logprobs.text_offset == offsets
     prompt_ids = scoring_llama.tokenize(PROMPT.encode(), add_bos=True, special=True)
     ids = []
     for token in scoring_llama.generate(prompt_ids, temp=0.0, top_k=1):
         if token == scoring_llama.token_eos() or len(ids) == n:
             break
         ids.append(token)
+    # text_offset: where each token's text is in prompt + text, in order (a byte token, shown as
+    # U+FFFD, points at the U+FFFD or the character its byte went into)
+    full, starts = PROMPT + reply.choices[0].text, logprobs.text_offset
+    assert starts[0] == len(PROMPT) and starts == sorted(starts) and starts[-1] < len(full)
+    assert all(full[start:start + len(token)] == token for start, token in zip(starts, logprobs.tokens)), \
+        (logprobs.tokens, starts, full)
     expected = reference(scoring_llama, prompt_ids, ids)
     assert logprobs.token_logprobs == pytest.approx([expected[k][i] for k, i in enumerate(ids)], abs=TOLERANCE)
     for k, (token, top) in enumerate(zip(logprobs.tokens, logprobs.top_logprobs)):
