@@ -9,6 +9,7 @@ loads it into a real `loraforge serve` behind the board; Export and Evaluate run
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.request
 
@@ -157,7 +158,7 @@ def test_evaluate_generate_and_quant(board, board_root, learned):
 def page(browser):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
-    page.set_default_timeout(600_000)  # loading a model or an export starts torch: slow on a busy machine
+    page.set_default_timeout(int(os.environ.get("BOARD_PAGE_TIMEOUT_MS", 600_000)))  # loading a model or an export starts torch: slow on a busy machine
     yield page
     context.close()
 
@@ -168,26 +169,38 @@ def open_tab(page, board, tab: str):
     page.click(f"nav button[data-tab={tab}]")
 
 
-def test_chat_with_the_finished_run_from_the_page(page, board, learned):
-    open_tab(page, board, "chat")
-    page.wait_for_selector(f"#chat-model option[value='{RUN}']", state="attached")
-    page.select_option("#chat-model", RUN)
-    page.click("#chat-load")
+@pytest.mark.parametrize("way", ["runs tab", "chat tab"])
+def test_chat_with_the_finished_run_from_the_page(page, board, learned, way):
+    if way == "runs tab":  # one click on the finished run
+        open_tab(page, board, "runs")
+        page.click(f"tr.run[data-path='{RUN}']")
+        page.click("#run-chat")
+        page.wait_for_selector("#tab-chat.active")
+    else:
+        open_tab(page, board, "chat")
+        page.wait_for_selector(f"#chat-model option[value='{RUN}']", state="attached")
+        page.select_option("#chat-model", RUN)
+        page.click("#chat-load")
     page.wait_for_selector("#chat-frame", state="visible")
     assert RUN in page.locator("#chat-status").inner_text()
     frame = page.frame_locator("#chat-frame")
-    page.wait_for_function("() => { const d = document.getElementById('chat-frame').contentDocument; "
-                           "return d && d.getElementById('model') && d.getElementById('model').value !== ''; }")
+    # the page of this load (not the last one's) has read /v1/models
+    page.wait_for_function("() => { const f = document.getElementById('chat-frame'), d = f.contentDocument; "
+                           "return !f.hidden && d && d.location.href === f.src && d.readyState === 'complete' && "
+                           "d.getElementById('model') && d.getElementById('model').value !== ''; }")
     frame.locator("#temperature").fill("0")
     frame.locator("#temperature").dispatch_event("change")
-    question, answer = learned[2]
+    question, answer = learned[2 if way == "chat tab" else 3]
     frame.locator("#input").fill(question)
     frame.locator("#input").press("Enter")
-    done = frame.locator(".msg.assistant .text").last
-    done.wait_for()
-    page.wait_for_function("() => { const d = document.getElementById('chat-frame').contentDocument; "
-                           "return d.getElementById('stop').hidden && !d.querySelector('.msg.streaming'); }")
-    assert done.text_content() == answer
+    try:
+        page.wait_for_function("() => { const d = document.getElementById('chat-frame').contentDocument; "
+                               "return d.querySelector('.msg.assistant') && d.getElementById('stop').hidden && "
+                               "!d.querySelector('.msg.streaming'); }")
+    except Exception:
+        page.screenshot(path="/tmp/chat-fail.png")
+        raise
+    assert frame.locator(".msg.assistant .text").last.text_content() == answer
 
 
 def test_export_q8_0_from_the_page(page, board, board_root, learned):

@@ -25,7 +25,6 @@ from urllib.parse import unquote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
 
 from loraforge import __version__
 from loraforge.board import tasks
@@ -491,8 +490,15 @@ def build_app(roots: Roots, token: str | None = None, jobs: Jobs | None = None) 
             content = await response.aread()
             await response.aclose()
             return Response(content, status_code=response.status_code, headers=passed)
-        return StreamingResponse(response.aiter_raw(), status_code=response.status_code, headers=passed,
-                                 background=BackgroundTask(response.aclose))
+
+        async def relay():
+            try:
+                async for chunk in response.aiter_raw():
+                    yield chunk
+            finally:  # the page's Stop (or a closed tab) closes serve's stream too, which stops generating
+                await response.aclose()
+
+        return StreamingResponse(relay(), status_code=response.status_code, headers=passed)
 
     return app
 

@@ -44,6 +44,7 @@ class ChatServer:
         self._state = "none"  # none / loading / ready / failed / stopped
         self._error: str | None = None
         self._port: int | None = None
+        self._serial = 0  # one more per load: the page reloads its frame for a new one
         self._logs = Path(tempfile.mkdtemp(prefix="loraforge-board-chat-"))
 
     @property
@@ -54,7 +55,7 @@ class ChatServer:
     def status(self) -> dict:
         with self._lock:
             log = self._logs / "serve.log"
-            return {"model": self._shown, "state": self._state, "error": self._error,
+            return {"model": self._shown, "state": self._state, "error": self._error, "serial": self._serial,
                     "log": log_tail(log, 12) if self._proc is not None else []}
 
     def load(self, model: Path, shown: str) -> None:
@@ -72,6 +73,7 @@ class ChatServer:
                     stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True,
                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
             self._shown, self._port, self._state, self._error = shown, port, "loading", None
+            self._serial += 1
             proc = self._proc
         threading.Thread(target=self._wait_ready, args=(proc, port, log_path), daemon=True).start()
 
