@@ -86,3 +86,31 @@ def test_a_bad_yaml_edit_shows_the_clis_error_on_the_page(page, board):
     page.click("#start")
     page.wait_for_function("() => document.getElementById('train-out').className === 'error'")
     assert page.locator("#train-out").inner_text() == "error: " + body["error"]
+
+
+@pytest.mark.slow
+def test_stop_and_resume_from_the_page(page, board, board_root):
+    open_board(page, board)
+    for field, value in (("#lr", "5e-3"), ("#epochs", "200"), ("#batch", "4"), ("#logging", "1"), ("#save", "4"),
+                         ("#output", "runs/page-stop")):
+        page.fill(field, value)
+        page.dispatch_event(field, "change")
+    page.wait_for_function("() => document.getElementById('command').textContent === "
+                           "'loraforge train runs/page-stop/board.yaml'")
+    page.click("#start")
+    page.wait_for_function("() => document.querySelectorAll('#chart circle.point').length >= 10")
+    page.click("#stop")
+    page.wait_for_function("() => document.getElementById('run-title').textContent.includes('stopped')")
+    note = page.locator("#run-note").inner_text()
+    assert "the last checkpoint is checkpoint-" in note and "Resume continues from it" in note, note
+    assert page.locator("#resume").is_visible() and not page.locator("#stop").is_visible()
+    stopped_at = len(read_log(board_root / "runs/page-stop/trainer_log.jsonl"))
+
+    page.click("#resume")
+    page.wait_for_function("() => document.getElementById('run-title').textContent.includes('running')")
+    page.wait_for_function(f"() => document.querySelectorAll('#chart circle.point').length > {stopped_at + 3}")
+    page.click("#stop")
+    page.wait_for_function("() => document.getElementById('run-title').textContent.includes('stopped')")
+    steps = [r["step"] for r in read_log(board_root / "runs/page-stop/trainer_log.jsonl")]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > stopped_at + 3  # went on from its checkpoint
+    assert "train.resume_from_checkpoint=last" in page.locator("#run-log").inner_text()
