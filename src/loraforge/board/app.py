@@ -43,6 +43,7 @@ from loraforge.board.jobs import (
 )
 from loraforge.board.roots import Outside, Roots, data_folder_info, is_run_dir, model_info
 from loraforge.errors import LoraforgeError
+from loraforge.models import ModelRef
 
 PAGE = Path(__file__).parent / "web" / "index.html"
 CHECK_TIMEOUT_S = 600
@@ -188,13 +189,20 @@ def build_app(roots: Roots, token: str | None = None, jobs: Jobs | None = None) 
                     raise HttpError(403, f"{what}: {exc}") from None
         return path, notes, config
 
-    async def body_yaml(request: Request) -> str:
+    async def body_json(request: Request, shape: str = "a JSON object") -> dict:
         try:
             body = json.loads(await request.body())
         except ValueError:
-            raise HttpError(400, "the request body is not JSON: send {\"yaml\": \"…\"}") from None
-        if not isinstance(body, dict) or not isinstance(body.get("yaml"), str):
-            raise HttpError(400, "send {\"yaml\": \"…\"}: the config as YAML text")
+            raise HttpError(400, f"the request body is not JSON: send {shape}") from None
+        if not isinstance(body, dict):
+            raise HttpError(400, f"send {shape}")
+        return body
+
+    async def body_yaml(request: Request) -> str:
+        shape = "{\"yaml\": \"…\"}"
+        body = await body_json(request, shape)
+        if not isinstance(body.get("yaml"), str):
+            raise HttpError(400, f"send {shape}: the config as YAML text")
         return body["yaml"]
 
     @app.post("/api/validate")
@@ -233,17 +241,9 @@ def build_app(roots: Roots, token: str | None = None, jobs: Jobs | None = None) 
     def start_job(start) -> str:
         """Start a job; a second one while one runs is 409, naming it. The command, as shown."""
         try:
-            command = start()
+            return roots.shorten(start())
         except Busy as exc:
-            busy = jobs.running()
-            raise HttpError(409, str(exc).replace(str(busy), roots.shown(busy)) if busy else str(exc)) from None
-        return shorten(command)
-
-    def shorten(text: str) -> str:
-        """Absolute paths under the roots as the page names them."""
-        for root in roots.paths:
-            text = text.replace(str(root) + "/", "" if len(roots.paths) == 1 else str(root) + "/")
-        return text
+            raise HttpError(409, roots.shorten(str(exc))) from None
 
     @app.get("/api/runs")
     async def runs(request: Request):
@@ -275,7 +275,7 @@ def build_app(roots: Roots, token: str | None = None, jobs: Jobs | None = None) 
         if kind == "train":
             return state_of(folder)
         state = job_state(folder, kind, active=jobs.running(kind) == folder)
-        return state and {**state, "command": shorten(state["command"] or "")}
+        return state and {**state, "command": roots.shorten(state["command"] or "")}
 
     @app.get("/api/run/job")
     async def job(request: Request, path: str | None = None, kind: str = "train"):
@@ -283,7 +283,7 @@ def build_app(roots: Roots, token: str | None = None, jobs: Jobs | None = None) 
         authorize(request)
         folder, kind = run_dir_of(path), kind_of(kind)
         return {"path": roots.shown(folder), "job": job_of(folder, kind),
-                "log": [shorten(line) for line in log_tail(job_files(folder, kind)[1], LOG_TAIL_LINES)]}
+                "log": [roots.shorten(line) for line in log_tail(job_files(folder, kind)[1], LOG_TAIL_LINES)]}
 
     @app.get("/api/run/events")
     async def events(request: Request, path: str | None = None, kind: str = "train"):
@@ -303,7 +303,7 @@ def build_app(roots: Roots, token: str | None = None, jobs: Jobs | None = None) 
                 out += [f"event: row\ndata: {json.dumps(row)}\n\n" for row in rows]
             pieces, offsets["log"] = read_log(log_file, offsets["log"])
             out += [f"event: {'progress' if progress else 'log'}\ndata: "
-                    f"{json.dumps(shorten(text), ensure_ascii=False)}\n\n" for text, progress in pieces]
+                    f"{json.dumps(roots.shorten(text), ensure_ascii=False)}\n\n" for text, progress in pieces]
             return out
 
         async def stream():
@@ -363,16 +363,7 @@ def build_app(roots: Roots, token: str | None = None, jobs: Jobs | None = None) 
         command = start_job(lambda: jobs.start_train(folder, yaml_file.read_text(encoding="utf-8"), overrides))
         return {"run": roots.shown(folder), "command": command}
 
-    async def body_json(request: Request) -> dict:
-        try:
-            body = json.loads(await request.body())
-        except ValueError:
-            raise HttpError(400, "the request body is not JSON") from None
-        if not isinstance(body, dict):
-            raise HttpError(400, "send a JSON object")
-        return body
-
-    def finished_run(path) -> tuple[Path, object]:
+    def finished_run(path) -> tuple[Path, ModelRef]:
         folder = run_dir_of(path if isinstance(path, str) else None)
         if jobs.running("train") == folder:
             raise HttpError(409, f"run {path} is still training: wait for it to finish, or stop it")
@@ -418,9 +409,9 @@ def build_app(roots: Roots, token: str | None = None, jobs: Jobs | None = None) 
         folder = run_dir_of(path)
         found = tasks.outputs(folder)
         for report in found["evals"]:
-            report["markdown"] = shorten(report["markdown"])
+            report["markdown"] = roots.shorten(report["markdown"])
         for gguf in found["exports"]:
-            gguf["parity"] = gguf["parity"] and shorten(gguf["parity"])
+            gguf["parity"] = gguf["parity"] and roots.shorten(gguf["parity"])
         return {"path": roots.shown(folder), **found}
 
     @app.get("/api/texts")

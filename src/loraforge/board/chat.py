@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from loraforge.board.jobs import log_tail, loraforge_command, stop_group
+from loraforge.board.jobs import error_line, log_tail, loraforge_command, stop_group
 
 READY_TIMEOUT_S = 600  # a HF model loads torch and the weights first: slow on a busy machine
 
@@ -94,9 +94,7 @@ class ChatServer:
             self._set(proc, "failed", f"the model did not load in {READY_TIMEOUT_S} s")
             stop_group(proc)
             return
-        lines = log_tail(log_path, 10_000)
-        errors = [line for line in lines if line.startswith("error:")]
-        self._set(proc, "failed", errors[-1] if errors else (lines[-1] if lines else f"exit code {proc.returncode}"))
+        self._set(proc, "failed", error_line(log_path) or f"exit code {proc.returncode}")
 
     def _set(self, proc: subprocess.Popen, state: str, error: str | None) -> None:
         with self._lock:

@@ -25,7 +25,7 @@ from loraforge.outputs import write_text
 from loraforge.train.run import latest_checkpoint
 
 KINDS = {"train": "board", "export": "board-export", "eval": "board-eval"}  # kind → its files' stem
-JOB_FILE, EXIT_FILE, LOG_FILE, YAML_FILE = "board.json", "board-exit.json", "board.log", "board.yaml"
+YAML_FILE = "board.yaml"  # the config a board job trains on
 STOP_WAIT_S = 20
 _TERMINATOR = re.compile(rb"\r\n|\n|\r")
 
@@ -90,11 +90,6 @@ def read_lines(path: Path, offset: int) -> tuple[list[dict], int]:
     return rows, offset
 
 
-def log_rows(run_dir: Path, offset: int = 0) -> list[dict]:
-    """trainer_log.jsonl's complete lines from byte `offset` (a line being written is left for later)."""
-    return read_lines(run_dir / "trainer_log.jsonl", offset)[0]
-
-
 def read_log(path: Path, offset: int) -> tuple[list[tuple[str, bool]], int]:
     """What a job printed after byte `offset`: (text, is_progress) pieces and the offset after them.
     A piece ended by a carriage return is a progress bar redrawing itself (tqdm): a page shows
@@ -118,7 +113,8 @@ def log_tail(path: Path, lines: int) -> list[str]:
     return kept[-lines:]
 
 
-def _error_line(log: Path) -> str | None:
+def error_line(log: Path) -> str | None:
+    """What a failed command said: its last `error:` line, else its last line."""
     lines = log_tail(log, 10_000)
     errors = [line for line in lines if line.startswith("error:")]
     if errors:
@@ -149,7 +145,7 @@ def run_state(run_dir: Path, active: bool = False) -> dict:
     """A training run: running / finished / stopped / failed, with what a page shows about it.
     `active`: this board's training job is running there (until its exit file is written)."""
     job = job_state(run_dir, "train", active)
-    rows = log_rows(run_dir)
+    rows, _ = read_lines(run_dir / "trainer_log.jsonl", 0)
     steps = [r["step"] for r in rows if "step" in r]
     last = latest_checkpoint(run_dir)  # complete checkpoints only: what Resume would load
     state = {"step": steps[-1] if steps else 0, "remaining_s": rows[-1].get("remaining_s") if rows else None,
@@ -261,7 +257,7 @@ class Jobs:
             stopped = self._stopping
         write_text(exit_file, json.dumps({
             "returncode": code, "stopped": stopped, "ended": time.time(),
-            "error": None if code == 0 or stopped else _error_line(log_file)}))
+            "error": None if code == 0 or stopped else error_line(log_file)}))
 
     def stop(self, run_dir: Path | None = None, kind: str | None = None) -> bool:
         """Stop the running job (SIGTERM, then SIGKILL); False when nothing (or another job) runs."""

@@ -47,6 +47,12 @@ class Roots:
                 return str(path.relative_to(root)) if len(self.paths) == 1 else str(path)
         return str(path)
 
+    def shorten(self, text: str) -> str:
+        """`shown` for every absolute path under the roots inside a text (a command, a log line)."""
+        for root in self.paths:
+            text = text.replace(str(root) + "/", "" if len(self.paths) == 1 else str(root) + "/")
+        return text
+
     def walk(self):
         """Every folder under the roots, at most MAX_DEPTH down, without following symlinks out."""
         for root in self.paths:

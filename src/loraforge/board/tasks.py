@@ -39,11 +39,10 @@ def _chain(ref: ModelRef) -> list[str]:
 def export_commands(run_dir: Path, ref: ModelRef, out_dir: Path, quants: list[str], verify: bool, merged: bool,
                     ollama: bool) -> list[list[str]]:
     """One `export gguf` per quant type (then `export ollama` on the first), and `merge` if asked."""
-    from loraforge.export.schemes import SCHEMES
+    from loraforge.export.schemes import scheme_of
 
-    unknown = [q for q in quants if q.lower() not in SCHEMES]
-    if unknown:
-        raise LoraforgeError(f"unknown quant type {', '.join(unknown)}: one of {', '.join(SCHEMES)}")
+    for quant in quants:
+        scheme_of(quant)  # an unknown type is the CLI's own error, before anything runs
     if not quants and not merged:
         raise LoraforgeError("nothing to export: pick a GGUF quant type or merged safetensors")
     if ollama and not quants:
